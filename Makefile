@@ -1,0 +1,27 @@
+# The two commands the README opens with: `make demo` (main job) and `make test`.
+# Both create or refresh .venv on their own.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ASSETS := ../shared/assets
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The pinned CPU build first, so nothing resolves a CUDA torch.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: venv demo test lint
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/jprune eval --model $(ASSETS)/models/stories260K --text $(ASSETS)/text/tinystories_eval.txt --seqlen 512
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

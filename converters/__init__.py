@@ -1,0 +1,1 @@
+"""jprune.converters: Hugging Face checkpoints <-> jprune's Flax NNX models."""

@@ -1,0 +1,5 @@
+"""Pruning methods, one small file each, in one registry (``METHODS``)."""
+
+from .base import METHODS, LayerProblem, LayerResult, get_method, register
+
+__all__ = ["METHODS", "LayerProblem", "LayerResult", "get_method", "register"]

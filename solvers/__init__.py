@@ -1,0 +1,37 @@
+"""jprune.solvers: pure, jit-compiled, row-batched solvers for layer-wise pruning problems.
+
+Every problem has rows ``w_i`` of ``W`` (m, d) sharing one PSD ``H`` (d, d):
+``f(W) = 1/2 sum_i w_i H w_i^T - sum_i c_i . w_i``; a step for all rows is one GEMM ``W @ H``.
+"""
+
+from ._sparsity import (
+    NM,
+    Pattern,
+    Unstructured,
+    check_pattern_fits,
+    keep_mask,
+    num_pruned,
+    parse_pattern,
+    project_box,
+    project_nm,
+    project_pattern,
+    project_topk,
+    prox_l1,
+    topk_mask,
+)
+
+__all__ = [
+    "NM",
+    "Pattern",
+    "Unstructured",
+    "check_pattern_fits",
+    "keep_mask",
+    "num_pruned",
+    "parse_pattern",
+    "project_box",
+    "project_nm",
+    "project_pattern",
+    "project_topk",
+    "prox_l1",
+    "topk_mask",
+]

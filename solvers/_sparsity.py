@@ -1,0 +1,140 @@
+"""Sparsity patterns as typed values, and the pure projections onto them.
+
+A pattern says which entries of a (d_out, d_in) weight matrix may stay nonzero:
+
+* ``Unstructured(sparsity, scope="row")``: every row keeps ``d_in - floor(sparsity * d_in)``
+  entries (the Wanda / SparseGPT per-output comparison group).
+* ``Unstructured(sparsity, scope="matrix")``: the matrix keeps ``size - floor(sparsity * size)``.
+* ``NM(n, m)``: at most ``n`` nonzeros in every ``m`` consecutive inputs of a row (2:4 keeps 2 of 4).
+
+Counts are exact. Ties are broken deterministically: among equal scores the entry with the
+lower flat index is kept, so a projection never depends on the backend's sort.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Unstructured(NamedTuple):
+    sparsity: float
+    scope: Literal["row", "matrix"] = "row"
+
+    def __str__(self) -> str:
+        return f"{self.sparsity:g} unstructured per {self.scope}"
+
+
+class NM(NamedTuple):
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+Pattern = Unstructured | NM
+
+
+def parse_pattern(
+    sparsity: float | None = None, nm: str | None = None, scope: str = "row"
+) -> Pattern:
+    """Build a pattern from CLI-style inputs: a sparsity in (0, 1) or an ``"N:M"`` string."""
+    if (sparsity is None) == (nm is None):
+        raise ValueError("give exactly one of a sparsity or an N:M pattern")
+    if nm is not None:
+        try:
+            n_str, m_str = nm.split(":")
+            n, m = int(n_str), int(m_str)
+        except ValueError:
+            raise ValueError(f"pattern {nm!r} is not of the form N:M (e.g. 2:4)") from None
+        if not 0 < n < m:
+            raise ValueError(f"pattern {nm!r} needs 0 < N < M")
+        return NM(n, m)
+    if not 0.0 < float(sparsity) < 1.0:
+        raise ValueError(f"sparsity {sparsity} is outside (0, 1)")
+    if scope not in ("row", "matrix"):
+        raise ValueError(f"sparsity scope {scope!r} is not 'row' or 'matrix'")
+    return Unstructured(float(sparsity), scope)  # type: ignore[arg-type]
+
+
+def check_pattern_fits(pattern: Pattern, shape: tuple[int, int]) -> None:
+    """Refuse a pattern that cannot be applied exactly to a matrix of this shape."""
+    if isinstance(pattern, NM) and shape[1] % pattern.m:
+        raise ValueError(f"N:M pattern {pattern} needs M={pattern.m} to divide the input width {shape[1]}")
+
+
+def num_pruned(pattern: Pattern, shape: tuple[int, int]) -> int:
+    """Exact number of zeros the pattern asks of a (d_out, d_in) matrix."""
+    d_out, d_in = shape
+    if isinstance(pattern, NM):
+        check_pattern_fits(pattern, shape)
+        return d_out * (d_in // pattern.m) * (pattern.m - pattern.n)
+    if pattern.scope == "row":
+        return d_out * math.floor(pattern.sparsity * d_in)
+    return math.floor(pattern.sparsity * d_out * d_in)
+
+
+def _rank_descending(scores: jax.Array) -> jax.Array:
+    """Rank of each entry along the last axis, 0 = largest; ties go to the lower index."""
+    order = jnp.argsort(-scores, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1, stable=True)
+
+
+def topk_mask(scores: jax.Array, k: int) -> jax.Array:
+    """Boolean mask keeping the ``k`` largest scores of every row (last axis)."""
+    return _rank_descending(scores) < k
+
+
+def keep_mask(scores: jax.Array, pattern: Pattern) -> jax.Array:
+    """Boolean mask of the entries to keep: the highest ``scores`` allowed by ``pattern``.
+
+    This is the one dispatch point on pattern types; every selector (magnitude, Wanda,
+    SparseGPT, FISTA's final rounding) goes through it.
+    """
+    d_out, d_in = scores.shape
+    scores = scores.astype(jnp.float32)
+    if isinstance(pattern, NM):
+        check_pattern_fits(pattern, scores.shape)
+        groups = scores.reshape(d_out, d_in // pattern.m, pattern.m)
+        return topk_mask(groups, pattern.n).reshape(d_out, d_in)
+    if pattern.scope == "row":
+        return topk_mask(scores, d_in - math.floor(pattern.sparsity * d_in))
+    keep = scores.size - math.floor(pattern.sparsity * scores.size)
+    return topk_mask(scores.reshape(1, -1), keep).reshape(d_out, d_in)
+
+
+def project_topk(W: jax.Array, k: int, *, scope: Literal["row", "matrix"] = "row") -> jax.Array:
+    """Euclidean projection onto ``k`` nonzeros per row (or per matrix): keep the largest |W|."""
+    scores = jnp.abs(W).astype(jnp.float32)
+    if scope == "row":
+        return jnp.where(topk_mask(scores, k), W, 0)
+    mask = topk_mask(scores.reshape(1, -1), k).reshape(W.shape)
+    return jnp.where(mask, W, 0)
+
+
+def project_nm(W: jax.Array, n: int, m: int) -> jax.Array:
+    """Euclidean projection onto N:M sparsity along the input (last) axis."""
+    return jnp.where(keep_mask(jnp.abs(W), NM(n, m)), W, 0)
+
+
+def project_pattern(W: jax.Array, pattern: Pattern) -> jax.Array:
+    """Euclidean projection of ``W`` onto ``pattern``: keep the allowed largest magnitudes."""
+    return jnp.where(keep_mask(jnp.abs(W), pattern), W, 0)
+
+
+def prox_l1(W: jax.Array, threshold: jax.Array | float) -> jax.Array:
+    """Soft thresholding, the proximal map of ``threshold * ||W||_1`` (threshold per row or scalar)."""
+    return jnp.sign(W) * jnp.maximum(jnp.abs(W) - threshold, 0)
+
+
+def project_box(W: jax.Array, lower: jax.Array, upper: jax.Array) -> jax.Array:
+    """Projection onto ``lower <= W <= upper`` elementwise."""
+    return jnp.clip(W, lower, upper)
