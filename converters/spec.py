@@ -1,0 +1,272 @@
+"""``ModelSpec``: everything jprune's decoder needs to know about an HF causal LM, as data.
+
+LLaMA, Qwen2 and OPT differ in a handful of switches (norm type, gated MLP, learned vs rotary
+positions, which projections carry biases, ...). ``spec_from_hf_config`` reads those switches
+from a raw ``config.json`` dict and refuses, by name, any field or value it does not understand:
+a converter that guesses builds a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint uses an architecture, field or value jprune does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+    theta: float
+    rope_type: Literal["default", "llama3"] = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inv_freq(self, head_dim: int) -> np.ndarray:
+        """Inverse frequencies in float32, computed the way transformers computes them."""
+        exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+        inv_freq = (1.0 / (np.float32(self.theta) ** exponents)).astype(np.float32)
+        if self.rope_type == "default":
+            return inv_freq
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band
+        # between them interpolated smoothly.
+        low_freq_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+        high_freq_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    family: Literal["llama", "qwen2", "opt"]
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm: Literal["rms", "layer"]
+    norm_eps: float
+    activation: Literal["silu", "relu", "gelu"]
+    gated_mlp: bool  # SwiGLU (gate * up) vs a plain fc1 -> act -> fc2
+    norm_before: bool  # pre-norm residual blocks (OPT-350m is post-norm)
+    final_norm: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_embeddings: bool
+    rope: RopeSpec | None  # None: learned absolute positions (OPT)
+    position_offset: int = 0  # OPT's learned table starts 2 rows in
+    embed_dim: int = 0  # token-embedding width; != hidden_size means project_in/out (OPT-350m)
+    scale_query_before_dot: bool = False  # OPT scales q, not the scores (same math, other rounding)
+
+    @property
+    def has_projections(self) -> bool:
+        return self.embed_dim != self.hidden_size
+
+    @property
+    def default_seqlen(self) -> int:
+        return min(self.max_position_embeddings, 2048)
+
+
+# Fields that describe training, generation, serialization or tooling: they do not change the
+# forward pass of a float model, so any value is accepted.
+_NEUTRAL_FIELDS = frozenset(
+    {
+        "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+        "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+        "initializer_range", "init_std", "use_cache", "attention_dropout", "dropout",
+        "hidden_dropout", "activation_dropout", "layerdrop", "_name_or_path", "id2label",
+        "label2id", "return_dict", "output_hidden_states", "output_attentions", "problem_type",
+        "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "prefix",
+        "task_specific_params", "finetuning_task", "quantization_config_applied",
+        "max_window_layers", "layer_types", "num_labels", "_attn_implementation_autoset",
+        "use_return_dict", "tf_legacy_loss", "pruned_heads", "torchscript", "keys_to_ignore_at_inference",
+    }
+)
+
+_COMMON_DECODER_FIELDS = frozenset(
+    {
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+        "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
+        "tie_word_embeddings",
+    }
+)
+_FAMILY_FIELDS = {
+    "llama": _COMMON_DECODER_FIELDS | {"attention_bias", "mlp_bias", "pretraining_tp"},
+    "qwen2": _COMMON_DECODER_FIELDS | {"use_sliding_window", "sliding_window"},
+    "opt": frozenset(
+        {
+            "vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "do_layer_norm_before", "_remove_final_layer_norm",
+            "word_embed_proj_dim", "activation_function", "enable_bias",
+            "layer_norm_elementwise_affine", "tie_word_embeddings",
+        }
+    ),
+}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu"}
+
+SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
+
+
+def _require(config: Mapping[str, Any], key: str, family: str) -> Any:
+    if config.get(key) is None:
+        raise UnsupportedModelError(f"{family} config is missing the field {key!r}")
+    return config[key]
+
+
+def _refuse_unknown_fields(config: Mapping[str, Any], family: str) -> None:
+    unknown = sorted(set(config) - _NEUTRAL_FIELDS - _FAMILY_FIELDS[family])
+    if unknown:
+        raise UnsupportedModelError(
+            f"config field {unknown[0]!r} is not handled by jprune's {family} converter"
+            + (f" (also: {', '.join(unknown[1:])})" if len(unknown) > 1 else "")
+        )
+
+
+def _activation(name: Any, family: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise UnsupportedModelError(f"activation {name!r} is not supported for {family}")
+    return _ACTIVATIONS[name]
+
+
+def _rope_from_config(config: Mapping[str, Any]) -> RopeSpec:
+    # transformers 5 writes `rope_parameters`; older checkpoints `rope_theta` + `rope_scaling`.
+    params = dict(config.get("rope_parameters") or {})
+    legacy_scaling = config.get("rope_scaling")
+    if legacy_scaling:
+        params = {**dict(legacy_scaling), **params}
+    if "rope_theta" not in params:
+        params["rope_theta"] = config.get("rope_theta", 10000.0)
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    theta = float(params.pop("rope_theta"))
+    if rope_type == "default":
+        params.pop("factor", None)  # ignored by the default rope in transformers too
+        if params:
+            raise UnsupportedModelError(f"rope parameter {sorted(params)[0]!r} is not handled for rope_type 'default'")
+        return RopeSpec(theta=theta)
+    if rope_type == "llama3":
+        known = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        extra = sorted(set(params) - known)
+        if extra:
+            raise UnsupportedModelError(f"rope parameter {extra[0]!r} is not handled for rope_type 'llama3'")
+        missing = sorted(known - set(params))
+        if missing:
+            raise UnsupportedModelError(f"llama3 rope is missing {missing[0]!r}")
+        return RopeSpec(
+            theta=theta,
+            rope_type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
+
+
+def _llama_like_spec(config: Mapping[str, Any], family: str) -> ModelSpec:
+    hidden = int(_require(config, "hidden_size", family))
+    heads = int(_require(config, "num_attention_heads", family))
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if family == "llama":
+        if int(config.get("pretraining_tp", 1)) != 1:
+            raise UnsupportedModelError("pretraining_tp != 1 is not supported")
+        qkv_bias = o_bias = bool(config.get("attention_bias", False))
+        mlp_bias = bool(config.get("mlp_bias", False))
+    else:
+        if config.get("use_sliding_window"):
+            raise UnsupportedModelError("qwen2 use_sliding_window=true is not supported")
+        qkv_bias, o_bias, mlp_bias = True, False, False
+    return ModelSpec(
+        family=family,  # type: ignore[arg-type]
+        vocab_size=int(_require(config, "vocab_size", family)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(config, "intermediate_size", family)),
+        num_layers=int(_require(config, "num_hidden_layers", family)),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        max_position_embeddings=int(_require(config, "max_position_embeddings", family)),
+        norm="rms",
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        activation=_activation(config.get("hidden_act", "silu"), family),  # type: ignore[arg-type]
+        gated_mlp=True,
+        norm_before=True,
+        final_norm=True,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope=_rope_from_config(config),
+        embed_dim=hidden,
+    )
+
+
+def _opt_spec(config: Mapping[str, Any]) -> ModelSpec:
+    hidden = int(_require(config, "hidden_size", "opt"))
+    heads = int(_require(config, "num_attention_heads", "opt"))
+    if not config.get("layer_norm_elementwise_affine", True):
+        raise UnsupportedModelError("opt layer_norm_elementwise_affine=false is not supported")
+    norm_before = bool(config.get("do_layer_norm_before", True))
+    bias = bool(config.get("enable_bias", True))
+    return ModelSpec(
+        family="opt",
+        vocab_size=int(_require(config, "vocab_size", "opt")),
+        hidden_size=hidden,
+        intermediate_size=int(_require(config, "ffn_dim", "opt")),
+        num_layers=int(_require(config, "num_hidden_layers", "opt")),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=int(_require(config, "max_position_embeddings", "opt")),
+        norm="layer",
+        norm_eps=1e-5,
+        activation=_activation(config.get("activation_function", "relu"), "opt"),  # type: ignore[arg-type]
+        gated_mlp=False,
+        norm_before=norm_before,
+        final_norm=norm_before and not config.get("_remove_final_layer_norm", False),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+        rope=None,
+        position_offset=2,
+        embed_dim=int(config.get("word_embed_proj_dim") or hidden),
+        scale_query_before_dot=True,
+    )
+
+
+def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
+    """Read a raw ``config.json`` dict; refuse anything that would change the forward pass."""
+    family = config.get("model_type")
+    if family not in _ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"model_type {family!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    for arch in config.get("architectures") or []:
+        if arch != _ARCHITECTURES[family]:
+            raise UnsupportedModelError(f"architecture {arch!r} is not supported (expected {_ARCHITECTURES[family]})")
+    _refuse_unknown_fields(config, family)
+    spec = _opt_spec(config) if family == "opt" else _llama_like_spec(config, family)
+    if spec.num_heads % spec.num_kv_heads:
+        raise UnsupportedModelError(
+            f"num_attention_heads={spec.num_heads} is not a multiple of num_key_value_heads={spec.num_kv_heads}"
+        )
+    return spec

@@ -1,0 +1,266 @@
+"""One Flax NNX decoder for LLaMA, Qwen2 and OPT; the family differences live in ``ModelSpec``.
+
+Weights keep the torch layout (``(d_out, d_in)`` for linears) so pruning code, the HF export
+and the papers' formulas all read the same matrix; ``y = x @ W.T + b``. Parameters are stored
+in the checkpoint's dtype and every computation runs in float32.
+
+Canonical parameter names (``converters.hf`` maps them to each family's HF names)::
+
+    embed, pos_embed (OPT), project_in / project_out (OPT-350m style), final_norm, lm_head
+    layers.{i}.{attn_norm, q, k, v, o, mlp_norm, gate (gated MLPs only), up, down}
+
+A decoder block is also a pure function, ``apply_block(graphdef, state, x)``, returning the
+block output and the inputs of its linears ("taps") — what the pruning engine calibrates on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jprune.converters.spec import ModelSpec
+
+COMPUTE_DTYPE = jnp.float32
+
+# Which tap feeds which linear of a block.
+LINEAR_INPUTS = {
+    "q": "attn_in",
+    "k": "attn_in",
+    "v": "attn_in",
+    "o": "o_in",
+    "gate": "mlp_in",
+    "up": "mlp_in",
+    "down": "down_in",
+}
+
+
+def block_linear_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The prunable linears of a block, in forward order."""
+    mlp = ("gate", "up", "down") if spec.gated_mlp else ("up", "down")
+    return ("q", "k", "v", "o", *mlp)
+
+
+def _param(arrays: Mapping[str, np.ndarray], name: str) -> nnx.Param:
+    return nnx.Param(jnp.asarray(arrays[name]))
+
+
+class Linear(nnx.Module):
+    def __init__(self, arrays: Mapping[str, np.ndarray], prefix: str, bias: bool):
+        self.weight = _param(arrays, f"{prefix}.weight")
+        self.bias = _param(arrays, f"{prefix}.bias") if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.weight[...].astype(COMPUTE_DTYPE).T
+        if self.bias is not None:
+            y = y + self.bias[...].astype(COMPUTE_DTYPE)
+        return y
+
+
+class Embedding(nnx.Module):
+    def __init__(self, arrays: Mapping[str, np.ndarray], prefix: str):
+        self.weight = _param(arrays, f"{prefix}.weight")
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return self.weight[...].astype(COMPUTE_DTYPE)[ids]
+
+
+class Norm(nnx.Module):
+    """RMSNorm (LLaMA/Qwen2) or LayerNorm (OPT), statistics in float32."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], prefix: str, kind: str, eps: float):
+        self.kind = kind
+        self.eps = eps
+        self.weight = _param(arrays, f"{prefix}.weight")
+        self.bias = _param(arrays, f"{prefix}.bias") if kind == "layer" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "rms":
+            x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+            return self.weight[...].astype(COMPUTE_DTYPE) * x
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return x * self.weight[...].astype(COMPUTE_DTYPE) + self.bias[...].astype(COMPUTE_DTYPE)
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "relu":
+        return jax.nn.relu(x)
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _apply_rope(x: jax.Array, spec: ModelSpec) -> jax.Array:
+    """Rotary embedding on (batch, seq, heads, head_dim), positions 0..seq-1."""
+    inv_freq = jnp.asarray(spec.rope.inv_freq(spec.head_dim))
+    positions = jnp.arange(x.shape[1], dtype=jnp.float32)
+    freqs = positions[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: ModelSpec) -> jax.Array:
+    """Softmax attention on (batch, seq, heads, head_dim); kv heads shared by query groups."""
+    group = spec.num_heads // spec.num_kv_heads
+    # HF's repeat_kv: query head h reads kv head h // group.
+    k = jnp.repeat(k, group, axis=2)
+    v = jnp.repeat(v, group, axis=2)
+    scale = spec.head_dim**-0.5
+    if spec.scale_query_before_dot:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+    else:
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    seq = q.shape[1]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Block(nnx.Module):
+    def __init__(self, arrays: Mapping[str, np.ndarray], prefix: str, spec: ModelSpec):
+        self.spec = spec
+        p = prefix
+        self.attn_norm = Norm(arrays, f"{p}.attn_norm", spec.norm, spec.norm_eps)
+        self.q = Linear(arrays, f"{p}.q", spec.qkv_bias)
+        self.k = Linear(arrays, f"{p}.k", spec.qkv_bias)
+        self.v = Linear(arrays, f"{p}.v", spec.qkv_bias)
+        self.o = Linear(arrays, f"{p}.o", spec.o_bias)
+        self.mlp_norm = Norm(arrays, f"{p}.mlp_norm", spec.norm, spec.norm_eps)
+        self.gate = Linear(arrays, f"{p}.gate", spec.mlp_bias) if spec.gated_mlp else None
+        self.up = Linear(arrays, f"{p}.up", spec.mlp_bias)
+        self.down = Linear(arrays, f"{p}.down", spec.mlp_bias)
+
+    def _attention(self, h: jax.Array) -> jax.Array:
+        spec = self.spec
+        batch, seq, _ = h.shape
+        q = self.q(h).reshape(batch, seq, -1, spec.head_dim)
+        k = self.k(h).reshape(batch, seq, -1, spec.head_dim)
+        v = self.v(h).reshape(batch, seq, -1, spec.head_dim)
+        if spec.rope is not None:
+            q, k = _apply_rope(q, spec), _apply_rope(k, spec)
+        return causal_attention(q, k, v, spec).reshape(batch, seq, -1)
+
+    def _mlp_hidden(self, h: jax.Array) -> jax.Array:
+        if self.gate is not None:
+            return _activation(self.spec.activation, self.gate(h)) * self.up(h)
+        return _activation(self.spec.activation, self.up(h))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Block output and the inputs of its linears (see ``LINEAR_INPUTS``)."""
+        pre_norm = self.spec.norm_before
+        attn_in = self.attn_norm(x) if pre_norm else x
+        o_in = self._attention(attn_in)
+        x = x + self.o(o_in)
+        if not pre_norm:
+            x = self.attn_norm(x)
+        mlp_in = self.mlp_norm(x) if pre_norm else x
+        down_in = self._mlp_hidden(mlp_in)
+        x = x + self.down(down_in)
+        if not pre_norm:
+            x = self.mlp_norm(x)
+        return x, {"attn_in": attn_in, "o_in": o_in, "mlp_in": mlp_in, "down_in": down_in}
+
+
+class CausalLM(nnx.Module):
+    """A decoder-only LM built from canonical-named arrays (see module docstring)."""
+
+    def __init__(self, spec: ModelSpec, arrays: Mapping[str, np.ndarray]):
+        self.spec = spec
+        self.embed = Embedding(arrays, "embed")
+        self.pos_embed = Embedding(arrays, "pos_embed") if spec.rope is None else None
+        self.project_in = Linear(arrays, "project_in", False) if spec.has_projections else None
+        self.layers = nnx.List([Block(arrays, f"layers.{i}", spec) for i in range(spec.num_layers)])
+        self.final_norm = (
+            Norm(arrays, "final_norm", spec.norm, spec.norm_eps) if spec.final_norm else None
+        )
+        self.project_out = Linear(arrays, "project_out", False) if spec.has_projections else None
+        self.lm_head = None if spec.tie_embeddings else Linear(arrays, "lm_head", False)
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        """Token ids (batch, seq) -> input of block 0."""
+        x = self.embed(ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        if self.pos_embed is not None:
+            positions = jnp.arange(ids.shape[1]) + self.spec.position_offset
+            x = x + self.pos_embed(positions)[None]
+        return x
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Output of the last block -> logits."""
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        if self.lm_head is None:
+            return x @ self.embed.weight[...].astype(COMPUTE_DTYPE).T
+        return self.lm_head(x)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        x = self.embed_tokens(ids)
+        for block in self.layers:
+            x, _ = block(x)
+        return self.head(x)
+
+
+# ---- pure-function views, used under jit by eval and the pruning engine ----
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state)(ids)
+
+
+def logits(model: CausalLM, ids: jax.Array) -> jax.Array:
+    """Jit-compiled forward: token ids (batch, seq) -> float32 logits (batch, seq, vocab)."""
+    graphdef, state = nnx.split(model)
+    return _logits(graphdef, state, ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply_block(
+    graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Pure block forward: (block structure, block weights, input) -> (output, linear inputs)."""
+    return nnx.merge(graphdef, state)(x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state).embed_tokens(ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _head(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state).head(x)
+
+
+def embed_tokens(model: CausalLM, ids: jax.Array) -> jax.Array:
+    return _embed(*nnx.split(model), ids)
+
+
+def head_logits(model: CausalLM, x: jax.Array) -> jax.Array:
+    return _head(*nnx.split(model), x)
+
+
+def named_arrays(model: CausalLM) -> dict[str, jax.Array]:
+    """Canonical dotted name -> parameter array (e.g. ``layers.0.q.weight``)."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(str(k) for k in path): var[...] for path, var in flat}
+
+
+def parameter_count(model: CausalLM) -> int:
+    return sum(int(np.prod(a.shape)) for a in named_arrays(model).values())
