@@ -4,6 +4,17 @@ Every problem has rows ``w_i`` of ``W`` (m, d) sharing one PSD ``H`` (d, d):
 ``f(W) = 1/2 sum_i w_i H w_i^T - sum_i c_i . w_i``; a step for all rows is one GEMM ``W @ H``.
 """
 
+from ._box_qp import BoxQPInfo, box_qp
+from ._continuation import (
+    ContinuationInfo,
+    penalty_continuation,
+    project_capped_simplex,
+    refit_columns,
+    select_columns,
+    sparse_least_squares,
+)
+from ._fista import LassoInfo, fista
+from ._lam_search import LamSearchInfo, lam_search
 from ._sparsity import (
     NM,
     Pattern,
@@ -22,6 +33,18 @@ from ._sparsity import (
 
 __all__ = [
     "NM",
+    "BoxQPInfo",
+    "ContinuationInfo",
+    "LamSearchInfo",
+    "LassoInfo",
+    "box_qp",
+    "fista",
+    "lam_search",
+    "penalty_continuation",
+    "project_capped_simplex",
+    "refit_columns",
+    "select_columns",
+    "sparse_least_squares",
     "Pattern",
     "Unstructured",
     "check_pattern_fits",

@@ -68,7 +68,9 @@ def parse_pattern(
 def check_pattern_fits(pattern: Pattern, shape: tuple[int, int]) -> None:
     """Refuse a pattern that cannot be applied exactly to a matrix of this shape."""
     if isinstance(pattern, NM) and shape[1] % pattern.m:
-        raise ValueError(f"N:M pattern {pattern} needs M={pattern.m} to divide the input width {shape[1]}")
+        raise ValueError(
+            f"N:M pattern {pattern} needs M={pattern.m} to divide the input width {shape[1]}"
+        )
 
 
 def num_pruned(pattern: Pattern, shape: tuple[int, int]) -> int:

@@ -1,0 +1,206 @@
+"""Penalty continuation: a schedule around a solver for combinatorial pruning decisions.
+
+    min_{W, z}  f(W) + rho_k P(W, z)   for an increasing schedule rho_0 < rho_1 < ...
+
+Each stage takes one exact step on ``W`` (the smooth part, here a ridge least squares with the
+shared Gram, so one Cholesky for all rows) and one proximal step on the decision ``z``; the
+schedule stops once the decision is settled, then the kept entries are refit exactly. This is
+the penalty decomposition of Lu & Zhang ("Sparse Approximation via Penalty Decomposition
+Methods", SIAM J. Optim. 2013), and the [inferred] SPAP algorithm of METHODS.md.
+
+Two instances:
+
+* :func:`select_columns` (SPAP, arXiv 2505.03373): prune exactly ``k`` input columns,
+  ``W diag(s) = 0``, ``1^T s = k``, ``s`` binary. Relax ``s`` to the capped simplex, penalize
+  ``rho sum_j s_j H_jj ||W_:j||^2`` (the output energy of column ``j``, so the choice does not
+  depend on input scaling); the ``s`` step is a projected gradient step whose length grows with
+  ``rho``, so ``s`` turns binary along the schedule.
+* :func:`sparse_least_squares`: ``min f(W)`` s.t. ``W`` fits a sparsity pattern (l0 per row /
+  matrix or N:M), penalty ``rho/2 ||(W - Z) diag(H)^1/2||^2`` with ``Z`` the projection of ``W``
+  onto the pattern in that metric (the exact proximal step of the constraint); the metric makes
+  the decision invariant to input scaling, like Wanda's ``|W_ij| ||X_j||`` score.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+
+from ._box_qp import box_qp
+from ._loop import run_loop
+from ._quadratic import compute_dtype, row_objective
+from ._sparsity import Pattern, check_pattern_fits, keep_mask, topk_mask
+
+
+class ContinuationState(NamedTuple):
+    W: jax.Array
+    z: Any  # the relaxed decision, a pytree
+    iteration: jax.Array  # () int32, the stage
+    converged: jax.Array  # () bool, decision settled
+
+
+class ContinuationInfo(NamedTuple):
+    stages: jax.Array  # () stages run
+    settled: jax.Array  # () bool: the relaxed decision was binary and stable at the end
+    objective: jax.Array  # (m,) f(W) of the refit
+
+
+def penalty_continuation(
+    w_step: Callable[[jax.Array, Any, jax.Array], jax.Array],
+    z_step: Callable[[jax.Array, Any, jax.Array], Any],
+    settled: Callable[[jax.Array, Any, Any], jax.Array],
+    W: jax.Array,
+    z: Any,
+    rhos: jax.Array,
+) -> ContinuationState:
+    """Run ``W = w_step(W, z, rho); z_new = z_step(W, z, rho)`` over ``rhos`` until settled.
+
+    ``w_step`` minimizes the smooth objective plus ``rho P(W, z)`` over ``W``; ``z_step`` is a
+    proximal step of ``rho P(W, .)`` on the decision; ``settled(W, z, z_new)`` ends the
+    schedule.
+    """
+
+    def stage(s: ContinuationState) -> ContinuationState:
+        rho = rhos[s.iteration]
+        W = w_step(s.W, s.z, rho)
+        z = z_step(W, s.z, rho)
+        return ContinuationState(W, z, s.iteration + 1, settled(W, s.z, z))
+
+    init = ContinuationState(W, z, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+    return run_loop(stage, init, maxiter=rhos.shape[0])
+
+
+def _ridge(H: jax.Array, B: jax.Array, diag: jax.Array) -> jax.Array:
+    """All rows of ``W (H + diag(diag)) = B`` with one Cholesky factorization."""
+    factor = jsl.cho_factor(H + jnp.diag(diag))
+    return jsl.cho_solve(factor, B.T).T
+
+
+def _schedule(H: jax.Array, rho0: float, growth: float, num_stages: int) -> jax.Array:
+    base = rho0 * jnp.mean(jnp.diagonal(H))
+    return base * growth ** jnp.arange(num_stages, dtype=H.dtype)
+
+
+def project_capped_simplex(v: jax.Array, k: int, *, num_iters: int = 60) -> jax.Array:
+    """Euclidean projection onto ``{s : 0 <= s <= 1, sum(s) = k}`` (bisection on the shift)."""
+    lo, hi = jnp.min(v) - 1.0, jnp.max(v)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        too_big = jnp.sum(jnp.clip(v - mid, 0, 1)) > k
+        return jnp.where(too_big, mid, lo), jnp.where(too_big, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, num_iters, bisect, (lo, hi))
+    return jnp.clip(v - 0.5 * (lo + hi), 0, 1)
+
+
+def refit_columns(H: jax.Array, C: jax.Array, keep: jax.Array) -> jax.Array:
+    """Exact least squares on the kept columns (shared by all rows); pruned columns are 0."""
+    both = keep[:, None] & keep[None, :]
+    H_kept = jnp.where(both, H, jnp.eye(H.shape[0], dtype=H.dtype))
+    return _ridge(H_kept, jnp.where(keep, C, 0), jnp.zeros(H.shape[0], H.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_stages", "growth", "rho0", "step"))
+def select_columns(
+    H: jax.Array,
+    C: jax.Array,
+    k: int,
+    *,
+    num_stages: int = 100,
+    growth: float = 1.2,
+    rho0: float = 1e-3,
+    step: float = 0.01,
+) -> tuple[jax.Array, jax.Array, ContinuationInfo]:
+    """Choose exactly ``k`` input columns to prune (SPAP) and refit the rows on the rest.
+
+    Minimizes ``f(W)`` s.t. ``W[:, j] = 0`` for the ``k`` pruned columns. ``rho0`` is relative
+    to the mean of ``diag(H)``; ``step`` is the first ``s`` step relative to the mean column
+    energy, growing like ``rho``. Returns ``pruned`` (bool, d) with exactly ``k`` True, the
+    refit ``W`` in ``C``'s dtype and a :class:`ContinuationInfo`. Ties prune the lower index.
+    """
+    d = H.shape[0]
+    if not 0 <= k <= d:
+        raise ValueError(f"cannot prune {k} of {d} columns")
+    dtype = compute_dtype(H, C)
+    H, C32 = H.astype(dtype), C.astype(dtype)
+    energy_weight = jnp.diagonal(H)
+    rhos = _schedule(H, rho0, growth, num_stages)
+
+    def w_step(W, s, rho):
+        return _ridge(H, C32, 2 * rho * s * energy_weight)
+
+    def s_step(W, s, rho):
+        energy = energy_weight * jnp.sum(W * W, axis=0)
+        normalized = energy / jnp.maximum(jnp.mean(energy), jnp.finfo(dtype).tiny)
+        return project_capped_simplex(s - step * (rho / rhos[0]) * normalized, k)
+
+    def settled(W, s_old, s_new):
+        binary = jnp.all((s_new == 0) | (s_new == 1))
+        return binary & jnp.all(s_old == s_new)
+
+    s0 = jnp.full((d,), k / d, dtype)
+    state = penalty_continuation(w_step, s_step, settled, C32 @ jnp.zeros_like(H), s0, rhos)
+    pruned = topk_mask(state.z, k)
+    W = refit_columns(H, C32, ~pruned)
+    info = ContinuationInfo(state.iteration, state.converged, row_objective(W, H, C32))
+    return pruned, W.astype(C.dtype), info
+
+
+@functools.partial(
+    jax.jit, static_argnames=("pattern", "num_stages", "growth", "rho0", "maxiter", "tol")
+)
+def sparse_least_squares(
+    H: jax.Array,
+    C: jax.Array,
+    pattern: Pattern,
+    *,
+    W0: jax.Array | None = None,
+    num_stages: int = 100,
+    growth: float = 1.2,
+    rho0: float = 1e-3,
+    maxiter: int = 1000,
+    tol: float = 1e-6,
+) -> tuple[jax.Array, jax.Array, ContinuationInfo]:
+    """Minimize ``f(W)`` s.t. ``W`` fits ``pattern`` (l0 per row / matrix, or N:M).
+
+    Starts from ``W0`` (default: the unconstrained least-squares solution), runs the penalty
+    schedule, then refits each row on its support with the masked CG (``box_qp``, ``maxiter``
+    and ``tol``). Returns the kept ``mask`` (exact pattern counts), ``W`` in ``C``'s dtype and a
+    :class:`ContinuationInfo`.
+    """
+    check_pattern_fits(pattern, C.shape)
+    dtype = compute_dtype(H, C, W0)
+    H, C32 = H.astype(dtype), C.astype(dtype)
+    rhos = _schedule(H, rho0, growth, num_stages)
+    d = H.shape[0]
+
+    metric = jnp.diagonal(H)
+
+    def w_step(W, Z, rho):
+        return _ridge(H, C32 + rho * metric * Z, rho * metric)
+
+    def z_step(W, Z, rho):
+        return jnp.where(keep_mask(jnp.abs(W) * jnp.sqrt(metric), pattern), W, 0)
+
+    def settled(W, Z_old, Z_new):
+        # Same support, and W has (nearly) left the pruned entries: the penalty has done its work.
+        outside = jnp.linalg.norm(W - Z_new)
+        return jnp.all((Z_old != 0) == (Z_new != 0)) & (outside <= tol * jnp.linalg.norm(W))
+
+    if W0 is None:
+        W0 = _ridge(H, C32, jnp.full((d,), 1e-6 * jnp.mean(jnp.diagonal(H)), dtype))
+    W0 = W0.astype(dtype)
+    Z0 = z_step(W0, None, None)
+    state = penalty_continuation(w_step, z_step, settled, W0, Z0, rhos)
+    mask = keep_mask(jnp.abs(state.W) * jnp.sqrt(metric), pattern)
+    bound = jnp.where(mask, jnp.inf, 0)
+    W, _ = box_qp(H, C32, -bound, bound, W0=state.z, maxiter=maxiter, tol=tol, method="cg")
+    info = ContinuationInfo(state.iteration, state.converged, row_objective(W, H, C32))
+    return mask, W.astype(C.dtype), info
