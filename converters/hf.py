@@ -24,9 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jprune.converters.spec import ModelSpec, UnsupportedModelError, spec_from_hf_config
+from jprune.errors import JpruneError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JpruneError):
     """The checkpoint directory is missing, incomplete or unreadable."""
 
 
@@ -219,7 +220,7 @@ def load_model(path: str | os.PathLike, dtype: str | None = None):
     from jprune.model import CausalLM
 
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise JpruneError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     config = read_config(path)
     spec = spec_from_hf_config(config)
     arrays = canonical_arrays(spec, read_tensors(path), dtype)
@@ -234,7 +235,7 @@ def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Pa
     """Yield a temporary directory next to ``out``; move it to ``out`` only on success."""
     out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"output {str(out)!r} already exists (use --force to replace it)")
+        raise JpruneError(f"output {str(out)!r} already exists (use --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

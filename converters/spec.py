@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from jprune.errors import JpruneError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(JpruneError):
     """The checkpoint uses an architecture, field or value jprune does not implement."""
 
 

@@ -1,0 +1,101 @@
+"""The ``jprune`` command line: parse, show progress, call one library function, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from jprune.errors import JpruneError
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+
+
+def _progress_bar(total: int, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="win", disable=quiet, file=sys.stderr, leave=False)
+
+
+def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, batch_size: int, quiet: bool):
+    from jprune.data import eval_windows, read_text, tokenize
+    from jprune.evaluate import perplexity
+
+    windows = eval_windows(tokenize(tokenizer, read_text(text_source)), seqlen, source=f"text {text_source!r}")
+    with _progress_bar(len(windows), f"eval {text_source}", quiet) as bar:
+        return perplexity(model, windows, batch_size=batch_size, progress=bar.update)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jprune.converters.hf import load_model
+    from jprune.data import load_tokenizer
+
+    model, _ = load_model(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    seqlen = args.seqlen or model.spec.default_seqlen
+    result = _evaluate_text(model, tokenizer, args.text, seqlen, args.batch_size, args.quiet or args.json)
+    if args.json:
+        print(json.dumps({"model": args.model, "text": args.text, **result._asdict()}))
+    else:
+        print(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.windows} windows of {result.seqlen})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from jprune.converters.hf import load_model, save_model
+
+    model, config = load_model(args.model, dtype=args.dtype)
+    out = save_model(model, config, args.out, source=args.model, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jprune",
+        description="Post-training pruning of Hugging Face LLMs in JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ev = sub.add_parser("eval", help="perplexity of a model on a text", description="Perplexity of an HF model directory on a text file, under the protocol of METHODS.md: the whole text tokenized once, non-overlapping windows, remainder dropped.")
+    ev.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors or pytorch_model.bin, tokenizer files)")
+    ev.add_argument("--text", required=True, help="text file to evaluate on, or a named dataset (wikitext2, c4) when online")
+    ev.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: min(max_position_embeddings, 2048))")
+    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    ev.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights on load (default: keep the stored dtype); arithmetic is float32")
+    ev.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, seqlen, ...) instead of a sentence")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
+
+    cv = sub.add_parser("convert", help="load an HF checkpoint into JAX and save it back", description="Load an HF model directory into jprune's JAX model and write it back in the save_pretrained layout (a round trip is bit-exact).")
+    cv.add_argument("--model", required=True, help="Hugging Face model directory to read")
+    cv.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
+    cv.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights (default: keep the stored dtype)")
+    cv.add_argument("--force", action="store_true", help="replace --out if it exists")
+    cv.set_defaults(func=cmd_convert)
+
+    try:
+        from jprune.cli_prune import add_prune_parser
+    except ImportError:
+        pass
+    else:
+        add_prune_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except JpruneError as err:
+        print(f"jprune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
