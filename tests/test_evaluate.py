@@ -1,0 +1,119 @@
+"""Perplexity against transformers (PyTorch, float32) under the METHODS.md protocol, and the data windows."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K
+from jprune.converters.hf import load_model
+from transformers import AutoModelForCausalLM
+
+from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
+from jprune.errors import JpruneError
+from jprune.evaluate import perplexity
+
+
+def _torch_perplexity(path, windows: np.ndarray, batch_size: int = 16) -> float:
+    """The reference: exp(mean next-token NLL over all windows), computed in PyTorch."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            ids = torch.as_tensor(windows[start : start + batch_size], dtype=torch.long)
+            logits = model(ids).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            tokens += ids[:, 1:].numel()
+    return float(np.exp(total / tokens))
+
+
+@pytest.fixture(scope="module")
+def stories(assets):
+    """stories260K on the TinyStories eval text at seqlen 512: windows, ours, transformers'."""
+    ids = tokenize(load_tokenizer(STORIES260K), read_text(EVAL_TEXT))
+    windows = eval_windows(ids, 512)
+    model, _ = load_model(STORIES260K)
+    return (
+        ids,
+        windows,
+        perplexity(model, windows, batch_size=8),
+        _torch_perplexity(STORIES260K, windows),
+    )
+
+
+def test_stories260k_perplexity_matches_transformers(stories):
+    ids, windows, ours, ref = stories
+    assert ids[0] == 1  # BOS once, at the start of the whole text
+    assert (ids[1:] != 1).all()
+    assert ours.windows == len(ids) // 512 == windows.shape[0]
+    assert ours.tokens == ours.windows * 511
+    assert ours.seqlen == 512
+    assert round(ours.perplexity, 2) == 6.21
+    assert ours.perplexity == pytest.approx(ref, rel=1e-5)
+    assert np.exp(ours.mean_nll) == pytest.approx(ours.perplexity, rel=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["opt-project", "llama3-gqa"])
+def test_zoo_perplexity_matches_transformers(zoo, arch):
+    model, config = load_model(zoo[arch])
+    windows = np.random.default_rng(3).integers(0, config["vocab_size"], (5, 200)).astype(np.int32)
+    ours = perplexity(model, windows, batch_size=2)
+    ref = _torch_perplexity(zoo[arch], windows)
+    # random weights and ids: the model is far from uniform, so this is not a trivial match
+    assert abs(np.log(ours.perplexity) - np.log(config["vocab_size"])) > 0.05
+    assert ours.perplexity == pytest.approx(ref, rel=1e-5)
+
+
+def test_batch_size_not_dividing_window_count_changes_nothing(zoo):
+    model, config = load_model(zoo["qwen2"])
+    windows = np.random.default_rng(4).integers(0, config["vocab_size"], (7, 64)).astype(np.int32)
+    one = perplexity(model, windows, batch_size=1)
+    done = []
+    three = perplexity(model, windows, batch_size=3, progress=done.append)
+    assert done == [3, 3, 1]
+    assert three.perplexity == pytest.approx(one.perplexity, rel=1e-6)
+    assert perplexity(model, windows, batch_size=100).perplexity == pytest.approx(
+        one.perplexity, rel=1e-6
+    )
+    assert (three.windows, three.tokens) == (7, 7 * 63)
+
+
+def test_perplexity_refuses_bad_arguments(zoo):
+    model, config = load_model(zoo["llama-mha"])
+    windows = np.zeros((2, 16), dtype=np.int32)
+    with pytest.raises(JpruneError, match="batch size"):
+        perplexity(model, windows, batch_size=0)
+    too_long = np.zeros((1, config["max_position_embeddings"] + 1), dtype=np.int32)
+    with pytest.raises(JpruneError, match="max_position_embeddings"):
+        perplexity(model, too_long)
+
+
+def test_eval_windows_drop_the_remainder():
+    ids = np.arange(23, dtype=np.int32)
+    windows = eval_windows(ids, 5)
+    assert windows.shape == (4, 5)
+    np.testing.assert_array_equal(windows.ravel(), ids[:20])
+    assert eval_windows(ids[:20], 5).shape == (4, 5)
+    with pytest.raises(JpruneError, match="shorter than one window"):
+        eval_windows(ids, 24)
+    with pytest.raises(JpruneError, match="seqlen"):
+        eval_windows(ids, 1)
+
+
+def test_calibration_windows_are_seeded(assets):
+    ids = tokenize(load_tokenizer(STORIES260K), read_text(CALIB_TEXT))
+    a = calibration_windows(ids, 16, 128, seed=0)
+    b = calibration_windows(ids, 16, 128, seed=0)
+    c = calibration_windows(ids, 16, 128, seed=1)
+    assert a.shape == (16, 128) and a.dtype == ids.dtype
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # the SparseGPT/Wanda convention: starts drawn by Python's random seeded with `seed`
+    rng = random.Random(0)
+    starts = [rng.randint(0, len(ids) - 128 - 1) for _ in range(16)]
+    np.testing.assert_array_equal(a, np.stack([ids[s : s + 128] for s in starts]))
+    with pytest.raises(JpruneError, match="more than"):
+        calibration_windows(ids, len(ids) // 128 + 1, 128, seed=0)
