@@ -23,8 +23,8 @@ The mask is adaptive: it is chosen from ``w^2 / U_jj^2`` of the weights *as upda
   sweep, each row shares its budget among the blocks by ranking its initial scores over the
   whole row (the blocks get what Wanda-style row comparison would give them); at the start of
   each block the row then prunes that many of its lowest *current* scores in the block. On
-  random and correlated inputs this beats a width-proportional share per block by 5-20% in
-  reconstruction error, and costs one row-wise selection.
+  random and correlated inputs (d_in 100-512) this cut the reconstruction error by 1-17%
+  against a width-proportional share per block, for one row-wise selection.
 
 Dead inputs (``H_jj = 0``) get ``H_jj = 1`` and a zero weight column, as published.
 """
@@ -75,8 +75,8 @@ def block_budgets(scores: jax.Array, pattern: Pattern, blocksize: int) -> jax.Ar
         pruned = ~keep_mask(scores, pattern)
         counts = [pruned[:, start:end].sum(axis=1) for start, end in bounds]
         return jnp.stack(counts).astype(jnp.int32)
-    # Same float expression as ``num_pruned`` at the last column, so the totals agree exactly.
-    cumulative = [0] + [math.floor(pattern.sparsity * d_out * end) for _, end in bounds]
+    # Same float expression as ``keep_mask`` at the last column, so the totals agree exactly.
+    cumulative = [0] + [math.floor(pattern.sparsity * (d_out * end)) for _, end in bounds]
     return jnp.asarray([[b - a] for a, b in pairwise(cumulative)], jnp.int32)
 
 
@@ -103,7 +103,7 @@ def _sweep_block(weights, hinv_block, budget, pattern):
             start = g * pattern.m
             cols = lax.dynamic_slice_in_dim(carry[0], start, pattern.m, axis=1)
             scale = lax.dynamic_slice_in_dim(diag, start, pattern.m)
-            prune = ~keep_mask((cols / scale) ** 2, NM(pattern.n, pattern.m))
+            prune = ~keep_mask((cols / scale) ** 2, pattern)
             for j in range(pattern.m):
                 carry = _column_step(start + j, *carry, hinv_block, prune[:, j])
             return carry
