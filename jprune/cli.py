@@ -15,7 +15,9 @@ DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 def _progress_bar(total: int, desc: str, quiet: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="win", disable=quiet, file=sys.stderr, leave=False)
+    # Drawn only once work has been done: an input refused before the first batch (seqlen,
+    # batch size) then ends in the one error line alone, with no bar residue on stderr.
+    return tqdm(total=total, desc=desc, unit="win", disable=quiet, file=sys.stderr, leave=False, delay=0.1)
 
 
 def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, batch_size: int, quiet: bool):

@@ -49,9 +49,14 @@ def read_text(source: str | os.PathLike, split: str = "test") -> str:
     if str(source) in NAMED_DATASETS and not Path(source).exists():
         return _named_dataset_text(str(source), split)
     path = Path(source)
-    if not path.is_file():
+    if not path.exists():
         raise JpruneError(f"text file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise JpruneError(f"text file {str(path)!r} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise JpruneError(f"text file {str(path)!r} is not UTF-8 text: {err}") from None
     if not text.strip():
         raise JpruneError(f"text file {str(path)!r} is empty")
     return text
