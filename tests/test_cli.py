@@ -1,0 +1,281 @@
+"""The ``jprune`` command line: real numbers, reloadable output, and one-line errors that write nothing."""
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import EVAL_TEXT, STORIES260K
+from transformers import AutoModelForCausalLM
+
+from jprune.cli import build_parser, main
+
+
+def _entry_point() -> list[str]:
+    script = Path(sys.executable).with_name("jprune")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "jprune.cli"]
+
+
+def _tree(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*")}
+
+
+def _assert_one_error_line(capsys, code: int, *needles: str) -> str:
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("jprune: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert out == ""
+    return lines[0]
+
+
+def _copy_model(src: Path, dst: Path, **config_changes) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(config_changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _torch_state(path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+# ---------------------------------------------------------------- what works
+
+
+def test_entry_point_eval_json_on_stories260k(assets):
+    proc = subprocess.run(
+        [
+            *_entry_point(),
+            "eval",
+            "--model",
+            str(STORIES260K),
+            "--text",
+            str(EVAL_TEXT),
+            "--seqlen",
+            "512",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert f"{result['perplexity']:.2f}" == "6.21"
+    assert result["seqlen"] == 512
+    assert result["tokens"] == result["windows"] * 511 > 80_000
+    assert proc.stderr == ""  # --json implies no progress bar
+
+
+def test_entry_point_error_exit_code(tmp_path):
+    proc = subprocess.run(
+        [
+            *_entry_point(),
+            "convert",
+            "--model",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"jprune: error: model path {str(tmp_path / 'nope')!r} does not exist"
+    ]
+    assert _tree(tmp_path) == set()
+
+
+def test_eval_prints_one_sentence(assets, tmp_path, capsys):
+    text = tmp_path / "head.txt"
+    text.write_text(EVAL_TEXT.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    code = main(
+        ["eval", "--model", str(STORIES260K), "--text", str(text), "--seqlen", "64", "--quiet"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    match = re.fullmatch(r"perplexity (\d+\.\d{4})  \((\d+) tokens, (\d+) windows of 64\)\n", out)
+    assert match, out
+    assert 1.0 < float(match[1]) < 512.0
+    assert int(match[2]) == int(match[3]) * 63 > 0
+    assert err == ""
+
+
+def test_convert_writes_a_checkpoint_transformers_reloads(zoo, tmp_path, capsys):
+    source = zoo["llama3-gqa"]
+    out = tmp_path / "converted"
+    assert main(["convert", "--model", str(source), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    assert _tree(tmp_path) >= {"converted", "converted/config.json", "converted/model.safetensors"}
+    assert not any(".partial-" in p for p in _tree(tmp_path))
+    original, reloaded = _torch_state(source), _torch_state(out)
+    assert original.keys() == reloaded.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensor, reloaded[name]), name
+
+
+def test_convert_force_replaces_existing_out(zoo, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    code = main(["convert", "--model", str(zoo["opt"]), "--out", str(out)])
+    _assert_one_error_line(capsys, code, "already exists", "--force", str(out))
+    assert _tree(tmp_path) == {"out", "out/stale.txt"}
+
+    assert (
+        main(
+            [
+                "convert",
+                "--model",
+                str(zoo["opt"]),
+                "--out",
+                str(out),
+                "--force",
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 0
+    )
+    assert not (out / "stale.txt").exists()
+    assert not any(".partial-" in p for p in _tree(tmp_path))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.dtype == torch.bfloat16
+    ref = _torch_state(zoo["opt"])
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, ref[name].to(torch.bfloat16)), name
+
+
+def test_help_documents_every_flag(capsys):
+    subparsers = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    assert {"eval", "convert"} <= set(subparsers.choices)
+    for name, sub in subparsers.choices.items():
+        flags = [
+            a for a in sub._actions if a.option_strings and not isinstance(a, argparse._HelpAction)
+        ]
+        assert flags, name
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        for action in flags:
+            assert action.help and action.help.strip(), (name, action.option_strings)
+            for option in action.option_strings:
+                assert option in text, (name, option)
+
+
+# ---------------------------------------------------------------- what is refused
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """An empty directory for --out: after a refused command it must still be empty."""
+    work = tmp_path / "work"
+    work.mkdir()
+    yield work
+    assert _tree(work) == set(), "a refused command left files behind"
+
+
+def _convert(source, workdir) -> int:
+    return main(["convert", "--model", str(source), "--out", str(workdir / "out")])
+
+
+def test_missing_model_path(tmp_path, workdir, capsys):
+    code = _convert(tmp_path / "nope", workdir)
+    _assert_one_error_line(capsys, code, "does not exist", "nope")
+
+
+def test_unsupported_model_type(tmp_path, workdir, capsys):
+    model = tmp_path / "gpt2"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
+    code = _convert(model, workdir)
+    _assert_one_error_line(capsys, code, "model_type 'gpt2'", "not supported")
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},
+            "'yarn'",
+        ),
+        ({"sliding_attention_window": 128}, "'sliding_attention_window'"),
+        ({"hidden_act": "tanh"}, "'tanh'"),
+    ],
+    ids=["yarn-rope", "unknown-field", "unknown-activation"],
+)
+def test_unhandled_config_feature(zoo, tmp_path, workdir, capsys, changes, needle):
+    model = _copy_model(zoo["llama-mha"], tmp_path / "model", **changes)
+    code = _convert(model, workdir)
+    _assert_one_error_line(capsys, code, needle, "not")
+
+
+def test_truncated_safetensors(zoo, tmp_path, workdir, capsys):
+    model = _copy_model(zoo["llama-mha"], tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code = _convert(model, workdir)
+    _assert_one_error_line(capsys, code, "model.safetensors", "truncated")
+
+
+def test_failure_while_writing_leaves_nothing(zoo, workdir, capsys, monkeypatch):
+    import jprune.converters.hf as hf
+
+    def disk_full(directory, *args, **kwargs):
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise hf.CheckpointError("disk full")
+
+    monkeypatch.setattr(hf, "write_tensors", disk_full)
+    code = _convert(zoo["qwen2"], workdir)
+    _assert_one_error_line(capsys, code, "disk full")
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "needles"),
+    [
+        (
+            "Once upon a time there was a cat.",
+            ["--seqlen", "512"],
+            ["shorter than one window", "seqlen=512"],
+        ),
+        (None, [], ["does not exist", "text.txt"]),
+        (b"\xff\xfe not utf-8", [], ["not UTF-8"]),
+        (
+            "Once upon a time there was a cat.",
+            ["--seqlen", "4", "--batch-size", "0"],
+            ["batch size"],
+        ),
+        ("Once upon a time there was a cat.", ["--seqlen", "1"], ["seqlen"]),
+    ],
+    ids=["shorter-than-a-window", "missing-text", "not-utf8", "batch-size-0", "seqlen-1"],
+)
+def test_eval_refuses_bad_text_or_options(assets, tmp_path, capsys, text, args, needles):
+    path = tmp_path / "text.txt"
+    if isinstance(text, str):
+        path.write_text(text, encoding="utf-8")
+    elif text is not None:
+        path.write_bytes(text)
+    before = _tree(tmp_path)
+    code = main(["eval", "--model", str(STORIES260K), "--text", str(path), *args])
+    _assert_one_error_line(capsys, code, *needles)
+    assert _tree(tmp_path) == before
+
+
+def test_eval_model_without_tokenizer(zoo, capsys):
+    code = main(["eval", "--model", str(zoo["llama-mha"]), "--text", str(EVAL_TEXT)])
+    _assert_one_error_line(capsys, code, "no tokenizer files")
