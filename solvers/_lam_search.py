@@ -62,8 +62,9 @@ def lam_search(
     """
     check_pattern_fits(pattern, C.shape)
     dtype = compute_dtype(H, C, W0)
+    out_dtype, H, C = C.dtype, H.astype(dtype), C.astype(dtype)
     mask = jnp.ones(C.shape, bool) if mask is None else jnp.broadcast_to(mask, C.shape)
-    scale = jnp.max(jnp.where(mask, jnp.abs(C.astype(dtype)), 0), axis=-1)
+    scale = jnp.max(jnp.where(mask, jnp.abs(C), 0), axis=-1)
     if isinstance(pattern, NM) or pattern.scope == "row":
         log_hi = jnp.log(jnp.maximum(scale, jnp.finfo(dtype).tiny))
     else:
@@ -72,7 +73,7 @@ def lam_search(
 
     def solve(log_lam, W_start):
         W, info = fista(H, C, jnp.exp(log_lam), W0=W_start, mask=mask, maxiter=maxiter, tol=tol)
-        return W.astype(dtype), info
+        return W, info
 
     W_best, info_best = solve(log_lo, W0)
     feasible_best = _feasible(W_best, pattern)
@@ -102,6 +103,6 @@ def lam_search(
     )
     W = project_pattern(W_best, pattern)
     lam = jnp.exp(log_lam)
-    objective, _, _ = lasso_certificate(W, H.astype(dtype), C.astype(dtype), lam, mask)
+    objective, _, _ = lasso_certificate(W, H, C, lam, mask)
     info = LamSearchInfo(lam, feasible_best, (W_best != 0).sum(-1), info_best, objective)
-    return W.astype(C.dtype), info
+    return W.astype(out_dtype), info

@@ -81,7 +81,7 @@ def num_pruned(pattern: Pattern, shape: tuple[int, int]) -> int:
         return d_out * (d_in // pattern.m) * (pattern.m - pattern.n)
     if pattern.scope == "row":
         return d_out * math.floor(pattern.sparsity * d_in)
-    return math.floor(pattern.sparsity * d_out * d_in)
+    return math.floor(pattern.sparsity * (d_out * d_in))
 
 
 def _rank_descending(scores: jax.Array) -> jax.Array:

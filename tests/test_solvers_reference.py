@@ -1,0 +1,244 @@
+"""jprune.solvers against independent references: scikit-learn, SciPy, closed forms, enumeration.
+
+Also holds the problem generator the other solver test modules import.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jprune.solvers import (
+    NM,
+    Unstructured,
+    box_qp,
+    fista,
+    keep_mask,
+    refit_columns,
+    select_columns,
+    sparse_least_squares,
+)
+from scipy.optimize import lsq_linear
+from sklearn.linear_model import Lasso
+
+
+def make_design(d, *, cond="well", seed=0, samples=4):
+    """Design ``A`` (n, d) with ``n = samples * d``; "ill" has correlated, decaying features."""
+    rng = np.random.default_rng(seed)
+    n = samples * d
+    Z = rng.standard_normal((n, d))
+    if cond == "well":
+        return Z / np.sqrt(n)
+    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return Z @ (np.logspace(0, -2, d)[:, None] * Q) / np.sqrt(n)
+
+
+def make_problem(m, d, *, cond="well", seed=0):
+    """Float64 NumPy ``(A, Y, H, C)``: rows ``y_i`` of Y (m, n) fit by ``A w_i``; H = A^T A."""
+    A = make_design(d, cond=cond, seed=seed)
+    rng = np.random.default_rng(seed + 1000)
+    W_true = rng.standard_normal((m, d))
+    Y = W_true @ A.T + 0.1 * rng.standard_normal((m, A.shape[0]))
+    return A, Y, A.T @ A, Y @ A
+
+
+def lasso_reference(A, Y, lam):
+    """Row-wise sklearn Lasso: it minimizes ||y - Aw||^2 / (2n) + alpha ||w||_1, so alpha = lam/n."""
+    n = A.shape[0]
+    rows = []
+    for y, l in zip(Y, np.broadcast_to(lam, (Y.shape[0],)), strict=True):
+        model = Lasso(alpha=l / n, fit_intercept=False, tol=1e-14, max_iter=200_000)
+        rows.append(model.fit(A, y).coef_)
+    return np.array(rows)
+
+
+def support_solve(H, C, keep):
+    """Exact least squares of every row on its kept entries (NumPy)."""
+    W = np.zeros_like(C)
+    for i, k in enumerate(keep):
+        W[i, k] = np.linalg.solve(H[np.ix_(k, k)], C[i, k])
+    return W
+
+
+def objective(W, H, C):
+    return np.sum(0.5 * (W @ H) * W - C * W, axis=-1)
+
+
+PRECISION = {"float64": (jnp.float64, 1e-6), "float32": (jnp.float32, 2e-3)}
+
+
+def as_jax(dtype, *arrays):
+    return [jnp.asarray(a, dtype) for a in arrays]
+
+
+@pytest.mark.parametrize("cond", ["well", "ill"])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_fista_matches_sklearn_lasso(cond, precision):
+    dtype, rtol = PRECISION[precision]
+    A, Y, H, C = make_problem(6, 24, cond=cond)
+    lam = np.linspace(0.02, 0.2, 6) * np.abs(C).max()
+    expected = lasso_reference(A, Y, lam)
+    with jax.enable_x64(precision == "float64"):
+        W, info = fista(*as_jax(dtype, H, C, lam), maxiter=50_000, tol=1e-9)
+        assert W.dtype == dtype
+        assert bool(info.converged.all()) or precision == "float32"
+        W = np.asarray(W, np.float64)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(W, expected, atol=rtol * scale * (100 if cond == "ill" else 1))
+    sk_obj = objective(expected, H, C) + lam * np.abs(expected).sum(-1)
+    np.testing.assert_allclose(np.asarray(info.objective), sk_obj, rtol=10 * rtol)
+    # Certificates near zero at the solution, relative to the size of the linear term.
+    c_scale = np.abs(C).max()
+    assert np.all(np.abs(np.asarray(info.gap)) <= 10 * rtol * c_scale * np.abs(W).sum(-1).max())
+    assert np.all(np.asarray(info.kkt) <= 10 * rtol * c_scale)
+
+
+def test_fista_mask_matches_sklearn_on_the_kept_columns():
+    A, Y, H, C = make_problem(4, 16, cond="ill", seed=3)
+    rng = np.random.default_rng(7)
+    mask = rng.random(C.shape) < 0.6
+    lam = 0.05 * np.abs(C).max()
+    expected = np.zeros_like(C)
+    for i, keep in enumerate(mask):
+        expected[i, keep] = lasso_reference(A[:, keep], Y[i : i + 1], lam)[0]
+    with jax.enable_x64(True):
+        W, info = fista(*as_jax(jnp.float64, H, C), lam, mask=mask, maxiter=50_000, tol=1e-10)
+        W, kkt = np.asarray(W), np.asarray(info.kkt)
+    np.testing.assert_allclose(W, expected, atol=1e-6)
+    assert np.all(W[~mask] == 0)
+    assert kkt.max() < 1e-7
+
+
+def test_fista_closed_form_on_diagonal_H():
+    """Diagonal H decouples every entry: w_ij = soft(c_ij, lam_i) / H_jj."""
+    rng = np.random.default_rng(0)
+    h = rng.uniform(0.5, 3.0, 12)
+    C = rng.standard_normal((5, 12))
+    lam = rng.uniform(0.1, 1.0, 5)
+    expected = np.sign(C) * np.maximum(np.abs(C) - lam[:, None], 0) / h
+    W, info = fista(
+        jnp.diag(jnp.asarray(h, jnp.float32)), jnp.asarray(C, jnp.float32), lam, tol=1e-7
+    )
+    np.testing.assert_allclose(np.asarray(W), expected, atol=1e-5)
+    assert bool(info.converged.all())
+
+
+@pytest.mark.parametrize("method", ["auto", "apg"])
+@pytest.mark.parametrize("cond", ["well", "ill"])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_box_qp_matches_scipy_lsq_linear(method, cond, precision):
+    dtype, rtol = PRECISION[precision]
+    A, Y, H, C = make_problem(5, 20, cond=cond, seed=1)
+    rng = np.random.default_rng(2)
+    lower = -rng.uniform(0.05, 0.5, C.shape)
+    upper = rng.uniform(0.05, 0.5, C.shape)
+    expected = np.array(
+        [
+            lsq_linear(A, y, bounds=(lo, up), tol=1e-14).x
+            for y, lo, up in zip(Y, lower, upper, strict=True)
+        ]
+    )
+    with jax.enable_x64(precision == "float64"):
+        W, info = box_qp(
+            *as_jax(dtype, H, C, lower, upper), maxiter=100_000, tol=1e-10, method=method
+        )
+        W = np.asarray(W, np.float64)
+    np.testing.assert_allclose(W, expected, atol=rtol * (100 if cond == "ill" else 1))
+    assert np.all((W >= lower - 1e-7) & (W <= upper + 1e-7))
+    assert np.all(np.asarray(info.kkt) <= 10 * rtol * np.abs(C).max())
+
+
+@pytest.mark.parametrize("method", ["auto", "cg", "apg"])
+@pytest.mark.parametrize("cond", ["well", "ill"])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_box_qp_fixed_mask_is_the_exact_support_solve(method, cond, precision):
+    """The OPTIMA case: pruned entries fixed at 0 (lower == upper), kept entries free."""
+    dtype, rtol = PRECISION[precision]
+    _, _, H, C = make_problem(6, 32, cond=cond, seed=4)
+    keep = np.random.default_rng(5).random(C.shape) < 0.5
+    expected = support_solve(H, C, keep)
+    bound = np.where(keep, np.inf, 0.0)
+    with jax.enable_x64(precision == "float64"):
+        W, info = box_qp(
+            *as_jax(dtype, H, C, -bound, bound), maxiter=200_000, tol=1e-12, method=method
+        )
+        W = np.asarray(W, np.float64)
+    scale = np.abs(expected).max()
+    ill = cond == "ill" and precision == "float32"
+    np.testing.assert_allclose(W, expected, atol=rtol * scale * (1000 if ill else 10))
+    assert np.all(W[~keep] == 0)
+    np.testing.assert_allclose(
+        np.asarray(info.objective), objective(expected, H, C), rtol=10 * rtol
+    )
+
+
+def _column_problem(seed, d=10, m=4):
+    A = make_design(d, cond="ill", seed=seed)
+    W0 = np.random.default_rng(seed).standard_normal((m, d))
+    H = A.T @ A
+    return H, W0 @ H, W0
+
+
+def test_select_columns_against_exhaustive_search():
+    """Exactly k columns pruned, exact refit, and an error between the enumerated optimum and
+    the one-shot energy score (FASP/Wanda-style ``H_jj ||W0_:j||^2`` plus the same refit)."""
+    k = 4
+    ours, baseline = [], []
+    with jax.enable_x64(True):
+        for seed in range(6):
+            H, C, W0 = _column_problem(seed)
+            base = objective(W0, H, C).sum()
+
+            def error(keep, H=H, C=C, base=base):
+                refit = refit_columns(jnp.asarray(H), jnp.asarray(C), jnp.asarray(keep))
+                return objective(np.asarray(refit), H, C).sum() - base
+
+            best = min(
+                error(~np.isin(np.arange(H.shape[0]), p))
+                for p in itertools.combinations(range(H.shape[0]), k)
+            )
+            pruned, W, info = select_columns(jnp.asarray(H), jnp.asarray(C), k)
+            pruned, W = np.asarray(pruned), np.asarray(W)
+            assert pruned.sum() == k and np.all(W[:, pruned] == 0) and bool(info.settled)
+            np.testing.assert_allclose(W, support_solve(H, C, np.tile(~pruned, (4, 1))), atol=1e-9)
+            ours.append((objective(W, H, C).sum() - base) / best)
+            score = np.diag(H) * np.sum(W0**2, axis=0)
+            baseline.append(error(~np.isin(np.arange(H.shape[0]), np.argsort(score)[:k])) / best)
+    ours, baseline = np.array(ours), np.array(baseline)
+    assert np.all(ours >= 1 - 1e-9)
+    # How close it gets, recorded (seeds 0-5): [1, 2.16, 1, 1.19, 4.19, 1.02]; the one-shot
+    # energy score gets [1, 2.16, 2.16, 1.19, 2.22, 1.74]. Guard against regressions.
+    assert np.sum(ours < 1 + 1e-9) >= 2, ours
+    assert ours.mean() < 1.25 * baseline.mean() and ours.max() < 5, (ours, baseline)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)])
+def test_sparse_least_squares_against_exhaustive_search(pattern):
+    """Exact counts, exact refit, and an error between the row optimum and Wanda + refit."""
+    ours, baseline = [], []
+    with jax.enable_x64(True):
+        for seed in range(4):
+            H, C, W0 = _column_problem(seed, d=8, m=3)
+            base = objective(W0, H, C)
+            supports = [
+                np.isin(np.arange(8), s)
+                for s in itertools.combinations(range(8), 4)
+                if isinstance(pattern, Unstructured) or (sum(j < 4 for j in s) == 2)
+            ]
+            best = np.min(
+                [objective(support_solve(H, C, np.tile(s, (3, 1))), H, C) for s in supports], axis=0
+            )
+            mask, W, info = sparse_least_squares(jnp.asarray(H), jnp.asarray(C), pattern)
+            mask, W = np.asarray(mask), np.asarray(W)
+            assert np.all(mask.sum(-1) == 4) and np.all(W[~mask] == 0)
+            np.testing.assert_allclose(W, support_solve(H, C, mask), atol=1e-8)
+            ours.append((objective(W, H, C) - base) / (best - base))
+            wanda = np.asarray(keep_mask(jnp.asarray(np.abs(W0) * np.sqrt(np.diag(H))), pattern))
+            wanda_W = support_solve(H, C, wanda)
+            baseline.append((objective(wanda_W, H, C) - base) / (best - base))
+    ours, baseline = np.concatenate(ours), np.concatenate(baseline)
+    assert np.all(ours >= 1 - 1e-9)
+    # Penalty decomposition is local; on these correlated problems it lands within a few x of
+    # the row optimum (recorded mean ~4) and does not beat Wanda + refit. Guard the band.
+    assert ours.max() < 15 and ours.mean() < 2 * baseline.mean(), (ours, baseline)
