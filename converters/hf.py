@@ -69,7 +69,14 @@ _LLAMA_NAMES = {
         for kind in ("weight", "bias")
     },
 }
-_OPT_LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"}
+_OPT_LINEARS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.out_proj",
+    "up": "fc1",
+    "down": "fc2",
+}
 _OPT_NORMS = {"attn_norm": "self_attn_layer_norm", "mlp_norm": "final_layer_norm"}
 _OPT_NAMES = {
     "embed.weight": "model.decoder.embed_tokens.weight",
@@ -136,7 +143,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"model path {str(directory)!r} is not a directory")
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(f"{str(config_path)!r} is missing: not a Hugging Face model directory")
+        raise CheckpointError(
+            f"{str(config_path)!r} is missing: not a Hugging Face model directory"
+        )
     try:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
@@ -148,7 +157,9 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
         with safe_open(str(file), framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {str(file)!r} (truncated or corrupt safetensors?): {err}") from None
+        raise CheckpointError(
+            f"cannot read {str(file)!r} (truncated or corrupt safetensors?): {err}"
+        ) from None
 
 
 def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
@@ -196,10 +207,14 @@ def canonical_arrays(
     expected = set(name_map.values())
     tied_head = "lm_head.weight" if spec.tie_embeddings else None
     unknown = sorted(
-        n for n in tensors if n not in expected and n != tied_head and not n.endswith(_IGNORED_SUFFIXES)
+        n
+        for n in tensors
+        if n not in expected and n != tied_head and not n.endswith(_IGNORED_SUFFIXES)
     )
     if unknown:
-        raise UnsupportedModelError(f"checkpoint tensor {unknown[0]!r} is not handled by the {spec.family} converter")
+        raise UnsupportedModelError(
+            f"checkpoint tensor {unknown[0]!r} is not handled by the {spec.family} converter"
+        )
     missing = sorted(expected - set(tensors))
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}")
@@ -317,7 +332,11 @@ def save_model(
         if generation is not None and generation.is_file():
             shutil.copy2(generation, staging / "generation_config.json")
         else:
-            gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+            gen = {
+                k: config[k]
+                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if config.get(k) is not None
+            }
             (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         for name in TOKENIZER_FILES if src else ():
             if (src / name).is_file():

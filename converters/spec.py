@@ -33,7 +33,9 @@ class RopeSpec:
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies in float32, computed the way transformers computes them."""
-        exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+        exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(
+            head_dim
+        )
         inv_freq = (1.0 / (np.float32(self.theta) ** exponents)).astype(np.float32)
         if self.rope_type == "default":
             return inv_freq
@@ -90,23 +92,65 @@ class ModelSpec:
 # forward pass of a float model, so any value is accepted.
 _NEUTRAL_FIELDS = frozenset(
     {
-        "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
-        "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
-        "initializer_range", "init_std", "use_cache", "attention_dropout", "dropout",
-        "hidden_dropout", "activation_dropout", "layerdrop", "_name_or_path", "id2label",
-        "label2id", "return_dict", "output_hidden_states", "output_attentions", "problem_type",
-        "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "prefix",
-        "task_specific_params", "finetuning_task", "quantization_config_applied",
-        "max_window_layers", "layer_types", "num_labels", "_attn_implementation_autoset",
-        "use_return_dict", "tf_legacy_loss", "pruned_heads", "torchscript", "keys_to_ignore_at_inference",
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "initializer_range",
+        "init_std",
+        "use_cache",
+        "attention_dropout",
+        "dropout",
+        "hidden_dropout",
+        "activation_dropout",
+        "layerdrop",
+        "_name_or_path",
+        "id2label",
+        "label2id",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "problem_type",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "tokenizer_class",
+        "prefix",
+        "task_specific_params",
+        "finetuning_task",
+        "quantization_config_applied",
+        "max_window_layers",
+        "layer_types",
+        "num_labels",
+        "_attn_implementation_autoset",
+        "use_return_dict",
+        "tf_legacy_loss",
+        "pruned_heads",
+        "torchscript",
+        "keys_to_ignore_at_inference",
     }
 )
 
 _COMMON_DECODER_FIELDS = frozenset(
     {
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-        "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "hidden_act",
         "tie_word_embeddings",
     }
 )
@@ -115,10 +159,19 @@ _FAMILY_FIELDS = {
     "qwen2": _COMMON_DECODER_FIELDS | {"use_sliding_window", "sliding_window"},
     "opt": frozenset(
         {
-            "vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "do_layer_norm_before", "_remove_final_layer_norm",
-            "word_embed_proj_dim", "activation_function", "enable_bias",
-            "layer_norm_elementwise_affine", "tie_word_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "ffn_dim",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "do_layer_norm_before",
+            "_remove_final_layer_norm",
+            "word_embed_proj_dim",
+            "activation_function",
+            "enable_bias",
+            "layer_norm_elementwise_affine",
+            "tie_word_embeddings",
         }
     ),
 }
@@ -162,13 +215,22 @@ def _rope_from_config(config: Mapping[str, Any]) -> RopeSpec:
     if rope_type == "default":
         params.pop("factor", None)  # ignored by the default rope in transformers too
         if params:
-            raise UnsupportedModelError(f"rope parameter {sorted(params)[0]!r} is not handled for rope_type 'default'")
+            raise UnsupportedModelError(
+                f"rope parameter {sorted(params)[0]!r} is not handled for rope_type 'default'"
+            )
         return RopeSpec(theta=theta)
     if rope_type == "llama3":
-        known = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        known = {
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        }
         extra = sorted(set(params) - known)
         if extra:
-            raise UnsupportedModelError(f"rope parameter {extra[0]!r} is not handled for rope_type 'llama3'")
+            raise UnsupportedModelError(
+                f"rope parameter {extra[0]!r} is not handled for rope_type 'llama3'"
+            )
         missing = sorted(known - set(params))
         if missing:
             raise UnsupportedModelError(f"llama3 rope is missing {missing[0]!r}")
@@ -180,7 +242,9 @@ def _rope_from_config(config: Mapping[str, Any]) -> RopeSpec:
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]),
         )
-    raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported (supported: default, llama3)")
+    raise UnsupportedModelError(
+        f"rope_type {rope_type!r} is not supported (supported: default, llama3)"
+    )
 
 
 def _llama_like_spec(config: Mapping[str, Any], family: str) -> ModelSpec:
@@ -264,7 +328,9 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
         )
     for arch in config.get("architectures") or []:
         if arch != _ARCHITECTURES[family]:
-            raise UnsupportedModelError(f"architecture {arch!r} is not supported (expected {_ARCHITECTURES[family]})")
+            raise UnsupportedModelError(
+                f"architecture {arch!r} is not supported (expected {_ARCHITECTURES[family]})"
+            )
     _refuse_unknown_fields(config, family)
     spec = _opt_spec(config) if family == "opt" else _llama_like_spec(config, family)
     if spec.num_heads % spec.num_kv_heads:

@@ -17,14 +17,18 @@ def _progress_bar(total: int, desc: str, quiet: bool):
 
     # Drawn only once work has been done: an input refused before the first batch (seqlen,
     # batch size) then ends in the one error line alone, with no bar residue on stderr.
-    return tqdm(total=total, desc=desc, unit="win", disable=quiet, file=sys.stderr, leave=False, delay=0.1)
+    return tqdm(
+        total=total, desc=desc, unit="win", disable=quiet, file=sys.stderr, leave=False, delay=0.1
+    )
 
 
 def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, batch_size: int, quiet: bool):
     from jprune.data import eval_windows, read_text, tokenize
     from jprune.evaluate import perplexity
 
-    windows = eval_windows(tokenize(tokenizer, read_text(text_source)), seqlen, source=f"text {text_source!r}")
+    windows = eval_windows(
+        tokenize(tokenizer, read_text(text_source)), seqlen, source=f"text {text_source!r}"
+    )
     with _progress_bar(len(windows), f"eval {text_source}", quiet) as bar:
         return perplexity(model, windows, batch_size=batch_size, progress=bar.update)
 
@@ -36,11 +40,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
     seqlen = args.seqlen or model.spec.default_seqlen
-    result = _evaluate_text(model, tokenizer, args.text, seqlen, args.batch_size, args.quiet or args.json)
+    result = _evaluate_text(
+        model, tokenizer, args.text, seqlen, args.batch_size, args.quiet or args.json
+    )
     if args.json:
         print(json.dumps({"model": args.model, "text": args.text, **result._asdict()}))
     else:
-        print(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.windows} windows of {result.seqlen})")
+        print(
+            f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.windows} windows of {result.seqlen})"
+        )
     return 0
 
 
@@ -53,6 +61,146 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"method option {text!r} is not KEY=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from jprune.prune import prune
+
+    bar = tqdm(total=None, desc="prune", unit="block", disable=args.quiet, file=sys.stderr)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_description(stage)
+        bar.refresh()
+
+    try:
+        report = prune(
+            args.model,
+            args.method,
+            sparsity=args.sparsity,
+            pattern=args.pattern,
+            scope=args.scope,
+            calib=args.calib,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            seed=args.seed,
+            out=args.out,
+            eval_texts=args.eval or (),
+            eval_seqlen=args.eval_seqlen,
+            force=args.force,
+            sequential=not args.parallel_blocks,
+            intra_block=args.intra_block,
+            batch_size=args.batch_size,
+            method_options=dict(args.option or ()),
+            dtype=args.dtype,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+    summary = report["summary"]
+    print(
+        f"{report['method']} {report['pattern']}: sparsity {summary['sparsity']:.4f}, "
+        f"summed relative error {summary['relative_error_sum']:.4g}, pruned in {report['prune_seconds']:.1f} s"
+    )
+    for text, ppl in report["perplexity"].items():
+        print(f"perplexity on {text}: {ppl['before']:.4f} -> {ppl['after']:.4f}")
+    if args.out:
+        print(f"wrote {args.out} (report.json inside)")
+    return 0
+
+
+def add_prune_parser(sub) -> None:
+    from jprune.methods import METHODS
+
+    pr = sub.add_parser(
+        "prune",
+        help="prune a model and write a pruned HF checkpoint",
+        description="Prune every linear inside the decoder blocks of an HF model, block by block from a calibration text, "
+        "and write an HF checkpoint (dense tensors with zeros) with report.json inside.",
+    )
+    pr.add_argument("--model", required=True, help="Hugging Face model directory to prune")
+    pr.add_argument("--method", required=True, choices=sorted(METHODS), help="pruning method")
+    target = pr.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=float, help="fraction of weights set to zero, in (0, 1)")
+    target.add_argument(
+        "--pattern",
+        help="semi-structured N:M pattern: keep N of every M consecutive inputs (e.g. 2:4, 4:8)",
+    )
+    pr.add_argument(
+        "--scope",
+        choices=("row", "matrix"),
+        default="row",
+        help="with --sparsity: exact count per output row (default) or per layer",
+    )
+    pr.add_argument(
+        "--calib", required=True, help="calibration text file (or c4 / wikitext2 when online)"
+    )
+    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    pr.add_argument(
+        "--seqlen", type=int, default=512, help="tokens per calibration window (default: 512)"
+    )
+    pr.add_argument(
+        "--seed", type=int, default=0, help="seed of the calibration window starts (default: 0)"
+    )
+    pr.add_argument(
+        "--out",
+        help="output directory for the pruned checkpoint and report.json (must not exist unless --force)",
+    )
+    pr.add_argument(
+        "--eval",
+        action="append",
+        metavar="FILE",
+        help="text to report perplexity on before and after; repeat for several",
+    )
+    pr.add_argument(
+        "--eval-seqlen", type=int, default=None, help="window length for --eval (default: --seqlen)"
+    )
+    pr.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pr.add_argument(
+        "--parallel-blocks",
+        action="store_true",
+        help="feed every block the dense model's inputs instead of the pruned model's (FISTAPruner's parallel mode)",
+    )
+    pr.add_argument(
+        "--intra-block",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prune q,k,v -> o -> gate,up -> down in stages, each seeing the pruned upstream outputs, targeting the dense outputs (default: the method's own protocol; on for fista)",
+    )
+    pr.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="calibration/evaluation windows per forward pass (default: 8)",
+    )
+    pr.add_argument(
+        "--option",
+        action="append",
+        type=_method_option,
+        metavar="KEY=VALUE",
+        help="method option passed through (JSON value), e.g. --option blocksize=64; repeat for several",
+    )
+    pr.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="cast the weights on load (default: keep the stored dtype)",
+    )
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=cmd_prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jprune",
@@ -60,29 +208,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text", description="Perplexity of an HF model directory on a text file, under the protocol of METHODS.md: the whole text tokenized once, non-overlapping windows, remainder dropped.")
-    ev.add_argument("--model", required=True, help="Hugging Face model directory (config.json + safetensors or pytorch_model.bin, tokenizer files)")
-    ev.add_argument("--text", required=True, help="text file to evaluate on, or a named dataset (wikitext2, c4) when online")
-    ev.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: min(max_position_embeddings, 2048))")
-    ev.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
-    ev.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights on load (default: keep the stored dtype); arithmetic is float32")
-    ev.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, seqlen, ...) instead of a sentence")
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity of a model on a text",
+        description="Perplexity of an HF model directory on a text file, under the protocol of METHODS.md: the whole text tokenized once, non-overlapping windows, remainder dropped.",
+    )
+    ev.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face model directory (config.json + safetensors or pytorch_model.bin, tokenizer files)",
+    )
+    ev.add_argument(
+        "--text",
+        required=True,
+        help="text file to evaluate on, or a named dataset (wikitext2, c4) when online",
+    )
+    ev.add_argument(
+        "--seqlen",
+        type=int,
+        default=None,
+        help="tokens per window (default: min(max_position_embeddings, 2048))",
+    )
+    ev.add_argument(
+        "--batch-size", type=int, default=8, help="windows per forward pass (default: 8)"
+    )
+    ev.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="cast the weights on load (default: keep the stored dtype); arithmetic is float32",
+    )
+    ev.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (perplexity, tokens, seqlen, ...) instead of a sentence",
+    )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
-    cv = sub.add_parser("convert", help="load an HF checkpoint into JAX and save it back", description="Load an HF model directory into jprune's JAX model and write it back in the save_pretrained layout (a round trip is bit-exact).")
+    cv = sub.add_parser(
+        "convert",
+        help="load an HF checkpoint into JAX and save it back",
+        description="Load an HF model directory into jprune's JAX model and write it back in the save_pretrained layout (a round trip is bit-exact).",
+    )
     cv.add_argument("--model", required=True, help="Hugging Face model directory to read")
     cv.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
-    cv.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights (default: keep the stored dtype)")
+    cv.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="cast the weights (default: keep the stored dtype)",
+    )
     cv.add_argument("--force", action="store_true", help="replace --out if it exists")
     cv.set_defaults(func=cmd_convert)
 
-    try:
-        from jprune.cli_prune import add_prune_parser
-    except ImportError:
-        pass
-    else:
-        add_prune_parser(sub)
+    add_prune_parser(sub)
     return parser
 
 

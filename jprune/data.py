@@ -23,8 +23,12 @@ def load_tokenizer(model_dir: str | os.PathLike):
     from transformers import AutoTokenizer
 
     directory = Path(model_dir)
-    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise JpruneError(f"no tokenizer files in {str(directory)!r} (tokenizer.json, tokenizer.model or vocab.json)")
+    if not any(
+        (directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
+    ):
+        raise JpruneError(
+            f"no tokenizer files in {str(directory)!r} (tokenizer.json, tokenizer.model or vocab.json)"
+        )
     return AutoTokenizer.from_pretrained(str(directory))
 
 
@@ -32,16 +36,24 @@ def _named_dataset_text(name: str, split: str) -> str:
     try:
         import datasets
     except ImportError:
-        raise JpruneError(f"dataset {name!r} needs the 'datasets' package (pip install 'jprune[datasets]'), or pass a text file") from None
+        raise JpruneError(
+            f"dataset {name!r} needs the 'datasets' package (pip install 'jprune[datasets]'), or pass a text file"
+        ) from None
     try:
         if name == "wikitext2":
             rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
             return "\n\n".join(rows["text"])
-        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        shard = (
+            "en/c4-train.00000-of-01024.json.gz"
+            if split == "train"
+            else "en/c4-validation.00000-of-00008.json.gz"
+        )
         rows = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
         return "\n\n".join(rows["text"][:3000])
     except Exception as err:  # offline: datasets raises connection errors of several types
-        raise JpruneError(f"cannot load dataset {name!r} (offline? pass a local text file instead): {err}") from None
+        raise JpruneError(
+            f"cannot load dataset {name!r} (offline? pass a local text file instead): {err}"
+        ) from None
 
 
 def read_text(source: str | os.PathLike, split: str = "test") -> str:
@@ -74,11 +86,15 @@ def eval_windows(ids: np.ndarray, seqlen: int, source: str = "text") -> np.ndarr
         raise JpruneError(f"seqlen must be at least 2, got {seqlen}")
     count = len(ids) // seqlen
     if count == 0:
-        raise JpruneError(f"{source} has {len(ids)} tokens, shorter than one window of seqlen={seqlen}")
+        raise JpruneError(
+            f"{source} has {len(ids)} tokens, shorter than one window of seqlen={seqlen}"
+        )
     return ids[: count * seqlen].reshape(count, seqlen)
 
 
-def calibration_windows(ids: np.ndarray, nsamples: int, seqlen: int, seed: int, source: str = "text") -> np.ndarray:
+def calibration_windows(
+    ids: np.ndarray, nsamples: int, seqlen: int, seed: int, source: str = "text"
+) -> np.ndarray:
     """``nsamples`` windows of ``seqlen`` tokens at seeded random starts."""
     if nsamples < 1 or seqlen < 2:
         raise JpruneError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")

@@ -48,7 +48,9 @@ def perplexity(
     """
     count, seqlen = windows.shape
     if seqlen > model.spec.max_position_embeddings:
-        raise JpruneError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {model.spec.max_position_embeddings}")
+        raise JpruneError(
+            f"seqlen {seqlen} exceeds the model's max_position_embeddings {model.spec.max_position_embeddings}"
+        )
     if batch_size < 1:
         raise JpruneError(f"batch size must be positive, got {batch_size}")
     batch_size = min(batch_size, count)

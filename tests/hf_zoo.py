@@ -5,17 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 _LLAMA_BASE = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
 )
 
 
 def _configs():
     return {
-        "llama-mha": (LlamaForCausalLM, LlamaConfig(**_LLAMA_BASE, num_key_value_heads=4, tie_word_embeddings=True)),
+        "llama-mha": (
+            LlamaForCausalLM,
+            LlamaConfig(**_LLAMA_BASE, num_key_value_heads=4, tie_word_embeddings=True),
+        ),
         "llama3-gqa": (
             LlamaForCausalLM,
             LlamaConfig(
@@ -26,8 +41,11 @@ def _configs():
                 attention_bias=True,
                 mlp_bias=True,
                 rope_parameters={
-                    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "rope_type": "llama3",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 64,
                 },
             ),
@@ -39,15 +57,27 @@ def _configs():
         "opt": (
             OPTForCausalLM,
             OPTConfig(
-                vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=512, word_embed_proj_dim=32, do_layer_norm_before=True,
+                vocab_size=96,
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=512,
+                word_embed_proj_dim=32,
+                do_layer_norm_before=True,
             ),
         ),
         "opt-project": (
             OPTForCausalLM,
             OPTConfig(
-                vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=512, word_embed_proj_dim=16, do_layer_norm_before=False,
+                vocab_size=96,
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=512,
+                word_embed_proj_dim=16,
+                do_layer_norm_before=False,
             ),
         ),
     }
@@ -66,6 +96,10 @@ def build(name: str, directory: Path, seed: int = 0) -> Path:
             if "norm" in pname and pname.endswith("weight"):
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
             else:
-                param.copy_(0.3 * torch.randn_like(param) if param.dim() == 1 else torch.randn_like(param) / param.shape[-1] ** 0.5)
+                param.copy_(
+                    0.3 * torch.randn_like(param)
+                    if param.dim() == 1
+                    else torch.randn_like(param) / param.shape[-1] ** 0.5
+                )
     model.save_pretrained(directory)
     return directory

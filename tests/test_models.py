@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import STORIES260K
-from hf_zoo import ARCHITECTURES
 from transformers import AutoModelForCausalLM
 
 from jprune.converters.hf import load_model, save_model
 from jprune.model import apply_block, block_linear_names, embed_tokens, head_logits, logits
+
+from conftest import STORIES260K
+from hf_zoo import ARCHITECTURES
 
 
 def _torch_logits(path, ids):

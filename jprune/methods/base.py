@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from jprune.errors import JpruneError
 from jprune.solvers import Pattern
 
 
@@ -47,15 +48,20 @@ class LayerResult(NamedTuple):
 LayerMethod = Callable[..., LayerResult]
 
 METHODS: dict[str, LayerMethod] = {}
+# Methods whose published algorithm prunes a block's linears in stages, each seeing the
+# already-pruned upstream operators (the engine's ``intra_block`` default for them).
+INTRA_BLOCK_METHODS: set[str] = set()
 
 
-def register(name: str) -> Callable[[LayerMethod], LayerMethod]:
+def register(name: str, *, intra_block: bool = False) -> Callable[[LayerMethod], LayerMethod]:
     """Add a layer method to the registry under ``name`` (the CLI's ``--method``)."""
 
     def add(fn: LayerMethod) -> LayerMethod:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = fn
+        if intra_block:
+            INTRA_BLOCK_METHODS.add(name)
         return fn
 
     return add
@@ -64,8 +70,17 @@ def register(name: str) -> Callable[[LayerMethod], LayerMethod]:
 def get_method(name: str) -> LayerMethod:
     if name not in METHODS:
         known = ", ".join(sorted(METHODS))
-        raise ValueError(f"unknown method {name!r}; known methods: {known}")
+        raise JpruneError(f"unknown method {name!r}; known methods: {known}")
     return METHODS[name]
 
 
-__all__ = ["LayerMethod", "LayerProblem", "LayerResult", "METHODS", "Pattern", "get_method", "register"]
+__all__ = [
+    "INTRA_BLOCK_METHODS",
+    "LayerMethod",
+    "LayerProblem",
+    "LayerResult",
+    "METHODS",
+    "Pattern",
+    "get_method",
+    "register",
+]

@@ -1,0 +1,256 @@
+"""The block-sequential pruning engine.
+
+For each decoder block, in order:
+
+1. run the block over the calibration activations and accumulate, per linear input ("tap"),
+   float32 Gram matrices streaming over calibration batches (``apply_block`` returns the taps:
+   an explicit pure function, no hooks);
+2. hand each linear's ``LayerProblem`` to the method and write the new weight into the block;
+3. recompute the block's outputs: they are the next block's inputs.
+
+Two knobs decide which activations a layer problem is built from:
+
+* ``sequential`` (default): block inputs come from the already-pruned model. Otherwise every
+  block sees the dense model's inputs (FISTAPruner's parallel-block mode).
+* ``intra_block``: linears are pruned in stages q,k,v -> o -> gate,up (fc1) -> down (fc2), each
+  stage's inputs recomputed through the already-pruned upstream operators; the linear term then
+  targets the dense block's outputs on the dense model's inputs (``W0 X``), so upstream errors
+  are corrected rather than copied (FISTAPruner's intra-layer error correction). Without it, one
+  pass captures every linear's input from the block as it was (the SparseGPT / Wanda protocol).
+
+Only one block's activations are alive at a time: ``(nsamples, seqlen, hidden)`` for the pruned
+stream and, when needed, the dense stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jprune.methods import LayerProblem, get_method
+from jprune.model import LINEAR_INPUTS, block_linear_names, embed_tokens
+from jprune.solvers import Pattern, check_pattern_fits
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    sequential: bool = True
+    intra_block: bool = False
+    batch_size: int = 8  # calibration windows per forward pass
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+
+def block_stages(spec, intra_block: bool) -> list[tuple[str, ...]]:
+    """Groups of linears pruned together; each group's inputs are captured after the previous."""
+    names = block_linear_names(spec)
+    if not intra_block:
+        return [names]
+    mlp_in = tuple(n for n in names if LINEAR_INPUTS[n] == "mlp_in")
+    return [("q", "k", "v"), ("o",), mlp_in, ("down",)]
+
+
+# ---------------------------------------------------------------- Gram accumulation
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _batch_grams(graphdef, taps: tuple[str, ...], with_dense: bool, state, dense_state, x, x_dense):
+    """Per tap: ``Xp Xp^T`` and, with a dense stream, ``X Xp^T`` and ``X X^T`` for one batch."""
+    _, current = nnx.merge(graphdef, state)(x)
+    out = {}
+    dense = nnx.merge(graphdef, dense_state)(x_dense)[1] if with_dense else None
+    for tap in taps:
+        xp = current[tap].reshape(-1, current[tap].shape[-1])
+        grams = {"gram": xp.T @ xp}
+        if with_dense:
+            xd = dense[tap].reshape(-1, dense[tap].shape[-1])
+            grams |= {"cross": xd.T @ xp, "dense": xd.T @ xd}
+        out[tap] = grams
+    return out
+
+
+def accumulate_grams(graphdef, taps, state, dense_state, x, x_dense, batch_size):
+    """Sum the per-batch Grams over all calibration windows (float32)."""
+    total = None
+    with_dense = x_dense is not None
+    for start in range(0, x.shape[0], batch_size):
+        xd = x_dense[start : start + batch_size] if with_dense else None
+        grams = _batch_grams(
+            graphdef, tuple(taps), with_dense, state, dense_state, x[start : start + batch_size], xd
+        )
+        total = grams if total is None else jax.tree.map(jnp.add, total, grams)
+    return total
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_outputs(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x)[0]
+
+
+def block_outputs(graphdef, state, x, batch_size):
+    return jnp.concatenate(
+        [
+            _block_outputs(graphdef, state, x[s : s + batch_size])
+            for s in range(0, x.shape[0], batch_size)
+        ]
+    )
+
+
+# ---------------------------------------------------------------- layer accounting
+
+
+@jax.jit
+def reconstruction_error(W, W0, gram, cross, dense_gram):
+    """``||W Xp - W0 X||^2`` and ``||W0 X||^2`` from the Grams (``cross = X Xp^T``)."""
+    W, W0 = W.astype(jnp.float32), W0.astype(jnp.float32)
+    reference = jnp.sum((W0 @ dense_gram) * W0)
+    if cross is None:
+        delta = W - W0
+        return jnp.sum((delta @ gram) * delta), reference
+    error = jnp.sum((W @ gram) * W) - 2 * jnp.sum((W0 @ cross) * W) + reference
+    return jnp.maximum(error, 0.0), reference
+
+
+def plain(value: Any) -> Any:
+    """Method info -> JSON-ready numbers: scalars as is, per-row arrays as their mean."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return plain(value._asdict())
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        array = np.asarray(value)
+        if array.dtype == bool:
+            return bool(array.all()) if array.size > 1 else bool(array)
+        if array.size == 1:
+            return array.item()
+        return float(array.astype(np.float64).mean())
+    return value
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def _get_linear_weight(state, name):
+    return state[name]["weight"][...]
+
+
+def _set_linear_weight(state, name, weight):
+    state[name]["weight"][...] = weight
+
+
+def prune_blocks(
+    model,
+    calibration: np.ndarray,
+    method: str,
+    pattern: Pattern,
+    options: EngineOptions = EngineOptions(),
+    progress: Callable[[str, int, int], None] | None = None,
+    hf_names: Callable[[str], str] | None = None,
+) -> list[dict[str, Any]]:
+    """Prune every decoder linear of ``model`` in place; return one record per linear.
+
+    ``calibration`` is (nsamples, seqlen) token ids. ``progress(stage, block, num_blocks)`` is
+    called as work advances (the CLI draws a bar from it). ``hf_names`` maps canonical layer
+    names (``layers.0.q``) to the names shown in the report.
+    """
+    layer_method = get_method(method)
+    spec = model.spec
+    for role in block_linear_names(spec):
+        shape = getattr(model.layers[0], role).weight[...].shape
+        check_pattern_fits(pattern, shape)
+    ids = jnp.asarray(calibration)
+    x = jnp.concatenate(
+        [
+            embed_tokens(model, ids[s : s + options.batch_size])
+            for s in range(0, ids.shape[0], options.batch_size)
+        ]
+    )
+    use_dense = options.intra_block or not options.sequential
+    x_dense = x if use_dense else None
+    num_tokens = int(ids.size)
+    records = []
+    for index, block in enumerate(model.layers):
+        graphdef, live_state = nnx.split(block)
+        # split returns the block's own Variables, which nnx.update below overwrites: keep two
+        # separate containers (sharing the immutable arrays) for the dense and pruned weights.
+        dense_state = jax.tree.map(lambda a: a, live_state)
+        state = jax.tree.map(lambda a: a, live_state)
+        # Parallel-block mode: this block sees the dense model's input.
+        x_in = x if options.sequential else x_dense
+        for stage in block_stages(spec, options.intra_block):
+            if progress is not None:
+                progress(f"block {index}: {','.join(stage)}", index, spec.num_layers)
+            taps = sorted({LINEAR_INPUTS[n] for n in stage})
+            grams = accumulate_grams(
+                graphdef,
+                taps,
+                state,
+                dense_state,
+                x_in,
+                x_dense if options.intra_block else None,
+                options.batch_size,
+            )
+            for role in stage:
+                tap = grams[LINEAR_INPUTS[role]]
+                weight0 = _get_linear_weight(dense_state, role)
+                name = f"layers.{index}.{role}"
+                problem = LayerProblem(
+                    weight=weight0.astype(jnp.float32),
+                    gram=tap["gram"],
+                    cross_gram=tap.get("cross"),
+                    num_tokens=num_tokens,
+                    name=name,
+                )
+                started = time.perf_counter()
+                result = layer_method(problem, pattern, **options.method_options)
+                new_weight = jax.block_until_ready(result.weight)
+                seconds = time.perf_counter() - started
+                error, reference = reconstruction_error(
+                    new_weight,
+                    weight0,
+                    tap["gram"],
+                    tap.get("cross"),
+                    tap.get("dense", tap["gram"]),
+                )
+                _set_linear_weight(state, role, new_weight.astype(weight0.dtype))
+                records.append(
+                    {
+                        "name": hf_names(name) if hf_names else name,
+                        "block": index,
+                        "role": role,
+                        "shape": list(weight0.shape),
+                        "sparsity": float(jnp.mean(new_weight == 0)),
+                        "relative_error": float(error / jnp.maximum(reference, 1e-30)),
+                        "seconds": seconds,
+                        "info": plain(result.info),
+                    }
+                )
+        nnx.update(block, state)
+        if use_dense:
+            x_dense = block_outputs(graphdef, dense_state, x_dense, options.batch_size)
+        x = (
+            block_outputs(graphdef, state, x_in, options.batch_size)
+            if options.sequential
+            else x_dense
+        )
+    if progress is not None:
+        progress("done", spec.num_layers, spec.num_layers)
+    return records
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Whole-model figures: achieved sparsity over all pruned weights, summed relative error."""
+    total = sum(int(np.prod(r["shape"])) for r in records)
+    zeros = sum(r["sparsity"] * int(np.prod(r["shape"])) for r in records)
+    return {
+        "sparsity": zeros / total if total else 0.0,
+        "relative_error_sum": float(sum(r["relative_error"] for r in records)),
+        "solver_seconds": float(sum(r["seconds"] for r in records)),
+    }

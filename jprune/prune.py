@@ -1,0 +1,175 @@
+"""``jprune.prune``: an HF checkpoint in, a pruned HF checkpoint and its report out.
+
+Everything that can be checked before the expensive part is checked first (pattern, method,
+output directory, calibration and evaluation texts), so bad input fails in a second with
+nothing written. The checkpoint and ``report.json`` are written into a staging directory that
+is renamed into place only when all of it succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jprune.converters.hf import hf_name_map, load_model, save_model
+from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
+from jprune.engine import EngineOptions, prune_blocks, summarize
+from jprune.errors import JpruneError
+from jprune.evaluate import perplexity
+from jprune.methods import INTRA_BLOCK_METHODS, get_method
+from jprune.model import parameter_count
+from jprune.solvers import NM, check_pattern_fits, parse_pattern
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _pattern(sparsity: float | None, nm: str | None, scope: str):
+    try:
+        return parse_pattern(sparsity=sparsity, nm=nm, scope=scope)
+    except ValueError as err:
+        raise JpruneError(str(err)) from None
+
+
+def _layer_hf_name(spec) -> Callable[[str], str]:
+    names = hf_name_map(spec)
+    return lambda canonical: names[f"{canonical}.weight"].removesuffix(".weight")
+
+
+def prune(
+    model: str | os.PathLike,
+    method: str,
+    *,
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    scope: str = "row",
+    calib: str | os.PathLike,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    eval_texts: Sequence[str | os.PathLike] = (),
+    eval_seqlen: int | None = None,
+    force: bool = False,
+    sequential: bool = True,
+    intra_block: bool | None = None,
+    batch_size: int = 8,
+    method_options: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Prune ``model`` (an HF directory) and return the report; write it to ``out`` if given.
+
+    Give exactly one of ``sparsity`` (fraction of zeros, per row by default; ``scope="matrix"``
+    for per layer) or ``pattern`` (``"2:4"``, ``"4:8"``). ``intra_block`` defaults to the
+    method's published protocol (on for ``fista``).
+    """
+    started = time.perf_counter()
+    sparsity_pattern = _pattern(sparsity, pattern, scope)
+    get_method(method)
+    if out is not None and Path(out).exists() and not force:
+        raise JpruneError(f"output {str(out)!r} already exists (use --force to replace it)")
+    if intra_block is None:
+        intra_block = method in INTRA_BLOCK_METHODS
+
+    net, hf_config = load_model(model, dtype=dtype)
+    spec = net.spec
+    for role in ("q", "o", "up", "down"):
+        try:
+            check_pattern_fits(sparsity_pattern, getattr(net.layers[0], role).weight[...].shape)
+        except ValueError as err:
+            raise JpruneError(
+                f"{err} of {role} ({_layer_hf_name(spec)(f'layers.0.{role}')})"
+            ) from None
+    if seqlen > spec.max_position_embeddings:
+        raise JpruneError(
+            f"seqlen {seqlen} exceeds the model's max_position_embeddings {spec.max_position_embeddings}"
+        )
+    tokenizer = load_tokenizer(model)
+    calibration = calibration_windows(
+        tokenize(tokenizer, read_text(calib, split="train")),
+        nsamples,
+        seqlen,
+        seed,
+        source=f"text {str(calib)!r}",
+    )
+    eval_len = eval_seqlen or seqlen
+    evaluations = {
+        str(t): eval_windows(tokenize(tokenizer, read_text(t)), eval_len, source=f"text {str(t)!r}")
+        for t in eval_texts
+    }
+
+    def report_progress(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    before = {}
+    for name, windows in evaluations.items():
+        report_progress(f"eval dense on {name}", 0, net.spec.num_layers)
+        before[name] = perplexity(net, windows, batch_size=batch_size).perplexity
+
+    options = EngineOptions(
+        sequential=sequential,
+        intra_block=intra_block,
+        batch_size=batch_size,
+        method_options=dict(method_options or {}),
+    )
+    prune_started = time.perf_counter()
+    records = prune_blocks(
+        net, calibration, method, sparsity_pattern, options, progress, _layer_hf_name(spec)
+    )
+    prune_seconds = time.perf_counter() - prune_started
+
+    after = {}
+    for name, windows in evaluations.items():
+        report_progress(f"eval pruned on {name}", net.spec.num_layers, net.spec.num_layers)
+        after[name] = perplexity(net, windows, batch_size=batch_size).perplexity
+
+    report = {
+        "model": str(model),
+        "method": method,
+        "pattern": str(sparsity_pattern),
+        "target_sparsity": sparsity_pattern.sparsity,
+        "settings": {
+            "calib": str(calib),
+            "nsamples": nsamples,
+            "seqlen": seqlen,
+            "seed": seed,
+            "sequential": sequential,
+            "intra_block": intra_block,
+            "batch_size": batch_size,
+            "scope": scope if not isinstance(sparsity_pattern, NM) else None,
+            "method_options": dict(method_options or {}),
+            "dtype": dtype,
+        },
+        "perplexity": {
+            name: {"before": before[name], "after": after[name], "seqlen": eval_len}
+            for name in evaluations
+        },
+        "summary": summarize(records),
+        "parameters": parameter_count(net),
+        "prune_seconds": prune_seconds,
+        "machine": {
+            "platform": platform.platform(),
+            "jax_backend": jax.default_backend(),
+            "devices": jax.device_count(),
+        },
+        "layers": records,
+    }
+    report["wall_seconds"] = time.perf_counter() - started
+    if out is not None:
+        save_model(
+            net,
+            hf_config,
+            out,
+            source=model,
+            force=force,
+            extra_files={"report.json": json.dumps(report, indent=2) + "\n"},
+        )
+    return report
