@@ -107,7 +107,9 @@ def jaxopt_box_run(H, C, lower, upper):
         @jax.jit
         def solve(C, lower, upper):
             def one(c, l, u):
-                return osqp.run(params_obj=(H, -c), params_eq=0.0, params_ineq=(l, u)).params.primal[0]
+                return osqp.run(
+                    params_obj=(H, -c), params_eq=0.0, params_ineq=(l, u)
+                ).params.primal[0]
 
             W = jax.vmap(one)(C, lower, upper)
             W = jnp.clip(W, lower, upper)  # ADMM iterates are only approximately feasible
@@ -117,6 +119,39 @@ def jaxopt_box_run(H, C, lower, upper):
         return float(solve(C, lower, upper)), seconds
 
     return run
+
+
+def bench_shape(m, d, args):
+    """One table row for an (m, d) problem."""
+    H, C, keep = problem(m, d)
+    lam = 0.01 * float(jnp.abs(C).max())
+    bound = jnp.where(keep, jnp.inf, 0.0)
+    gemm = timed(jax.jit(lambda W, H: W @ H), C, H)
+
+    def lasso(H, C, k):
+        return fista(H, C, lam, maxiter=k, tol=0.0)
+
+    def box(method):
+        return lambda H, C, k: box_qp(H, C, -bound, bound, maxiter=k, tol=0.0, method=method)
+
+    ratios = [per_iteration(s, H, C, args.iters) / gemm for s in (lasso, box("cg"), box("apg"))]
+
+    f_lasso = float(jax.jit(lambda H, C: lasso(H, C, 5000)[1].objective.sum())(H, C))
+    f_box = float(jax.jit(lambda H, C: box("cg")(H, C, 5000)[1].objective.sum())(H, C))
+    target_lasso = f_lasso + args.rtol * abs(f_lasso)
+    target_box = f_box + args.rtol * abs(f_box)
+    ours_l, it_l = time_to_target(ours_run(lasso, H, C), target_lasso, 10 * args.cap)
+    ours_b, it_b = time_to_target(ours_run(box("cg"), H, C), target_box, 10 * args.cap)
+    jo_l, _ = time_to_target(jaxopt_lasso_run(H, C, lam), target_lasso, args.cap)
+    jo_b, _ = time_to_target(jaxopt_box_run(H, C, -bound, bound), target_box, args.cap)
+
+    def fmt(x):
+        return f">{args.cap:.0f} (not reached)" if x is None else f"{x:.3f}"
+
+    return (
+        f"| {m}x{d} | {1e3 * gemm:.2f} | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} "
+        f"| {fmt(ours_l)} ({it_l}) / {fmt(jo_l)} | {fmt(ours_b)} ({it_b}) / {fmt(jo_b)} |"
+    )
 
 
 def main():
@@ -131,38 +166,13 @@ def main():
     device = jax.devices()[0]
     print(f"platform: {platform.platform()}; cpu: {cpu_model()}")
     print(f"jax {jax.__version__}, device: {device.platform} ({device.device_kind})")
-    print("| m x d | GEMM ms | fista it / GEMM | box_qp cg it / GEMM | box_qp apg it / GEMM "
-          "| fista to tol: ours s (iters) / jaxopt s | box_qp fixed mask to tol: ours s / jaxopt s |")
+    print(
+        "| m x d | GEMM ms | fista it / GEMM | box_qp cg it / GEMM | box_qp apg it / GEMM "
+        "| fista to tol: ours s (iters) / jaxopt s | box_qp fixed mask to tol: ours s / jaxopt s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for shape in shapes:
-        m, d = map(int, shape.split("x"))
-        H, C, keep = problem(m, d)
-        lam = 0.01 * float(jnp.abs(C).max())
-        bound = jnp.where(keep, jnp.inf, 0.0)
-        gemm = timed(jax.jit(lambda W, H: W @ H), C, H)
-
-        def lasso(H, C, k):
-            return fista(H, C, lam, maxiter=k, tol=0.0)
-
-        def box(method):
-            return lambda H, C, k: box_qp(H, C, -bound, bound, maxiter=k, tol=0.0, method=method)
-
-        ratios = [per_iteration(s, H, C, args.iters) / gemm for s in (lasso, box("cg"), box("apg"))]
-
-        f_lasso = float(jax.jit(lambda H, C: lasso(H, C, 5000)[1].objective.sum())(H, C))
-        f_box = float(jax.jit(lambda H, C: box("cg")(H, C, 5000)[1].objective.sum())(H, C))
-        target_lasso = f_lasso + args.rtol * abs(f_lasso)
-        target_box = f_box + args.rtol * abs(f_box)
-        ours_l, it_l = time_to_target(ours_run(lasso, H, C), target_lasso, 10 * args.cap)
-        ours_b, it_b = time_to_target(ours_run(box("cg"), H, C), target_box, 10 * args.cap)
-        jo_l, _ = time_to_target(jaxopt_lasso_run(H, C, lam), target_lasso, args.cap)
-        jo_b, _ = time_to_target(jaxopt_box_run(H, C, -bound, bound), target_box, args.cap)
-
-        def fmt(x):
-            return f">{args.cap:.0f} (not reached)" if x is None else f"{x:.3f}"
-
-        print(f"| {m}x{d} | {1e3 * gemm:.2f} | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} "
-              f"| {fmt(ours_l)} ({it_l}) / {fmt(jo_l)} | {fmt(ours_b)} ({it_b}) / {fmt(jo_b)} |")
+        print(bench_shape(*map(int, shape.split("x")), args))
 
 
 if __name__ == "__main__":
