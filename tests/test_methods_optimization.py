@@ -1,0 +1,129 @@
+"""Optimization-based layer methods: FISTAPruner (``fista``) and OPTIMA (``optima``).
+
+OPTIMA is checked against an independent float64 NumPy least squares per row on its support;
+FISTAPruner against the baselines' reconstruction error on a correlated problem.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_methods_baselines import problem_of, random_layer
+
+from jprune.errors import JpruneError
+from jprune.methods import METHODS
+from jprune.solvers import NM, Unstructured, num_pruned
+
+from conftest import CALIB_TEXT, STORIES260K
+
+PATTERNS = [Unstructured(0.5), Unstructured(0.7), Unstructured(0.6, "matrix"), NM(2, 4), NM(4, 8)]
+
+
+@pytest.fixture(scope="module")
+def layer():
+    weight, x = random_layer(32, 64, 600, seed=3, correlated=True)
+    return weight, x, problem_of(weight, x)
+
+
+def error(weight, dense, x):
+    """``||W X - W0 X||_F^2`` in float64."""
+    delta = np.asarray(weight, np.float64) - dense.astype(np.float64)
+    return float(np.sum((delta @ x.astype(np.float64)) ** 2))
+
+
+@pytest.mark.parametrize("method", ["fista", "optima"])
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_exact_counts(layer, method, pattern):
+    weight, _, problem = layer
+    pruned = np.asarray(METHODS[method](problem, pattern).weight)
+    assert int((pruned == 0).sum()) == num_pruned(pattern, weight.shape)
+    if isinstance(pattern, NM):
+        groups = (pruned != 0).reshape(weight.shape[0], -1, pattern.m).sum(-1)
+        assert groups.max() <= pattern.n
+
+
+@pytest.mark.parametrize("mask_from", ["magnitude", "wanda", "sparsegpt"])
+def test_optima_is_least_squares_on_its_support(layer, mask_from):
+    weight, x, problem = layer
+    result = METHODS["optima"](problem, Unstructured(0.6), mask_from=mask_from)
+    pruned = np.asarray(result.weight, np.float64)
+    x64 = x.astype(np.float64)
+    for i in range(weight.shape[0]):
+        support = pruned[i] != 0
+        target = weight[i].astype(np.float64) @ x64
+        row, *_ = np.linalg.lstsq(x64[support].T, target, rcond=None)
+        np.testing.assert_allclose(pruned[i, support], row, rtol=2e-3, atol=2e-3)
+    selector = METHODS[mask_from](problem, Unstructured(0.6)).weight
+    assert error(pruned, weight, x) <= error(selector, weight, x)
+    assert result.info["selector"] == mask_from
+    assert not result.info["kept_selector"]
+    assert result.info["converged"] == 1.0
+    # Per token, relative to the size of the linear term.
+    assert result.info["kkt"] < 1e-3 * np.abs(weight).max() * np.abs(x).max() ** 2
+
+
+def test_optima_loose_tolerance_is_no_better(layer):
+    weight, x, problem = layer
+    tight = METHODS["optima"](problem, NM(2, 4)).weight
+    loose = METHODS["optima"](problem, NM(2, 4), tol=1e-2).weight
+    assert error(tight, weight, x) <= error(loose, weight, x) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), Unstructured(0.7), NM(2, 4)], ids=str)
+def test_fista_beats_the_baselines(layer, pattern):
+    weight, x, problem = layer
+    fista = error(METHODS["fista"](problem, pattern).weight, weight, x)
+    for baseline in ("wanda", "sparsegpt"):
+        assert fista < error(METHODS[baseline](problem, pattern).weight, weight, x), baseline
+
+
+def test_fista_without_refit_is_the_lam_search(layer):
+    weight, x, problem = layer
+    pattern = Unstructured(0.5)
+    plain = METHODS["fista"](problem, pattern, refit=False)
+    refit = METHODS["fista"](problem, pattern)
+    assert int((np.asarray(plain.weight) == 0).sum()) == num_pruned(pattern, weight.shape)
+    assert np.isfinite(error(plain.weight, weight, x))
+    assert plain.info["lam"] > 0 and "swaps_used" not in plain.info
+    # The rounded lasso answer is shrunk; refitting its mask can only help.
+    assert error(refit.weight, weight, x) < error(plain.weight, weight, x)
+
+
+def test_fista_warm_start_competes(layer):
+    weight, x, problem = layer
+    pattern = Unstructured(0.7)
+    warm = METHODS["fista"](problem, pattern, warm_start="sparsegpt").weight
+    assert int((np.asarray(warm) == 0).sum()) == num_pruned(pattern, weight.shape)
+    sparsegpt = METHODS["sparsegpt"](problem, pattern).weight
+    assert error(warm, weight, x) <= error(sparsegpt, weight, x) * (1 + 1e-6)
+
+
+def test_unknown_options_raise(layer):
+    problem = layer[2]
+    with pytest.raises(JpruneError, match="mask_from"):
+        METHODS["optima"](problem, NM(2, 4), mask_from="obs")
+    with pytest.raises(JpruneError, match="warm_start"):
+        METHODS["fista"](problem, NM(2, 4), warm_start="optima")
+
+
+def test_end_to_end_2of4(tmp_path):
+    if not STORIES260K.is_dir():
+        pytest.skip("stories260K not available")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jprune.prune import prune
+
+    for method in ("fista", "optima"):
+        out = tmp_path / method
+        prune(STORIES260K, method, pattern="2:4", calib=CALIB_TEXT, nsamples=8, seqlen=128, out=out)
+        model = AutoModelForCausalLM.from_pretrained(out)
+        linears = [
+            (name, module.weight.detach())
+            for name, module in model.model.layers.named_modules()
+            if isinstance(module, torch.nn.Linear)
+        ]
+        assert len(linears) == 7 * model.config.num_hidden_layers
+        for name, w in linears:
+            groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+            assert int(groups.max()) <= 2 and int((w == 0).sum()) == w.numel() // 2, name
