@@ -34,10 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jprune.methods import LayerProblem, get_method
-from jprune.model import LINEAR_INPUTS, block_linear_names, embed_tokens
-from jprune.solvers import Pattern, check_pattern_fits
+from jprune.model import LINEAR_INPUTS, block_linear_names
+from jprune.sharding import pad_rows, replicate, shard_leading, to_host
+from jprune.solvers import Pattern, Unstructured, check_pattern_fits
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class EngineOptions:
     intra_block: bool = False
     batch_size: int = 8  # calibration windows per forward pass
     method_options: dict[str, Any] = field(default_factory=dict)
+    mesh: Mesh | None = None  # data-parallel calibration and row-sharded layer problems
+    offload: bool = False  # keep block activations in host memory between forward passes
 
 
 def block_stages(spec, intra_block: bool) -> list[tuple[str, ...]]:
@@ -58,6 +62,11 @@ def block_stages(spec, intra_block: bool) -> list[tuple[str, ...]]:
 
 
 # ---------------------------------------------------------------- Gram accumulation
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed_tokens_fn(graphdef, state, ids):
+    return nnx.merge(graphdef, state).embed_tokens(ids)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -76,31 +85,63 @@ def _batch_grams(graphdef, taps: tuple[str, ...], with_dense: bool, state, dense
     return out
 
 
-def accumulate_grams(graphdef, taps, state, dense_state, x, x_dense, batch_size):
+class Activations:
+    """One stream of block activations (nsamples, seqlen, hidden), read in calibration batches.
+
+    Kept on the default device, or in host memory when offloading or sharding (each batch is
+    then placed on the mesh, split along its windows, just before its forward pass).
+    """
+
+    def __init__(self, batches: Sequence[jax.Array], options: EngineOptions):
+        self.on_host = options.offload or options.mesh is not None
+        self.options = options
+        self.batches = [to_host(b) if self.on_host else b for b in batches]
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield shard_leading(batch, self.options.mesh) if self.on_host else batch
+
+    def map(self, fn) -> Activations:
+        return Activations([fn(batch) for batch in self], self.options)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(b.shape)) * b.dtype.itemsize for b in self.batches)
+
+
+def stream_grams(graphdef, taps, state, dense_state, x: Activations, x_dense: Activations | None):
     """Sum the per-batch Grams over all calibration windows (float32)."""
     total = None
     with_dense = x_dense is not None
-    for start in range(0, x.shape[0], batch_size):
-        xd = x_dense[start : start + batch_size] if with_dense else None
-        grams = _batch_grams(
-            graphdef, tuple(taps), with_dense, state, dense_state, x[start : start + batch_size], xd
-        )
+    dense_batches = iter(x_dense) if with_dense else None
+    for batch in x:
+        xd = next(dense_batches) if with_dense else None
+        grams = _batch_grams(graphdef, tuple(taps), with_dense, state, dense_state, batch, xd)
         total = grams if total is None else jax.tree.map(jnp.add, total, grams)
     return total
+
+
+def _batches(x: jax.Array, batch_size: int) -> list[jax.Array]:
+    return [x[s : s + batch_size] for s in range(0, x.shape[0], batch_size)]
+
+
+def accumulate_grams(graphdef, taps, state, dense_state, x, x_dense, batch_size):
+    """``stream_grams`` over whole (nsamples, seqlen, hidden) arrays on the default device."""
+    options = EngineOptions(batch_size=batch_size)
+    dense = None if x_dense is None else Activations(_batches(x_dense, batch_size), options)
+    return stream_grams(
+        graphdef, taps, state, dense_state, Activations(_batches(x, batch_size), options), dense
+    )
+
+
+def block_outputs(graphdef, state, x, batch_size):
+    """Block outputs for a whole (nsamples, seqlen, hidden) array, ``batch_size`` windows a pass."""
+    return jnp.concatenate([_block_outputs(graphdef, state, b) for b in _batches(x, batch_size)])
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _block_outputs(graphdef, state, x):
     return nnx.merge(graphdef, state)(x)[0]
-
-
-def block_outputs(graphdef, state, x, batch_size):
-    return jnp.concatenate(
-        [
-            _block_outputs(graphdef, state, x[s : s + batch_size])
-            for s in range(0, x.shape[0], batch_size)
-        ]
-    )
 
 
 # ---------------------------------------------------------------- layer accounting
@@ -145,6 +186,44 @@ def _set_linear_weight(state, name, weight):
     state[name]["weight"][...] = weight
 
 
+def _row_separable(pattern: Pattern) -> bool:
+    return not (isinstance(pattern, Unstructured) and pattern.scope == "matrix")
+
+
+def _solve_layer(layer_method, problem: LayerProblem, pattern: Pattern, options: EngineOptions):
+    """Run the method with rows sharded over the mesh and the Grams replicated."""
+    mesh = options.mesh
+    rows = problem.weight.shape[0]
+    if mesh is not None:
+        weight = to_host(problem.weight)
+        if _row_separable(pattern):
+            weight = shard_leading(pad_rows(weight, mesh), mesh)
+        else:
+            weight = shard_leading(weight, mesh)  # replicated unless the rows divide
+        problem = problem._replace(
+            weight=weight,
+            gram=replicate(problem.gram, mesh),
+            cross_gram=None if problem.cross_gram is None else replicate(problem.cross_gram, mesh),
+        )
+    result = layer_method(problem, pattern, **options.method_options)
+    new_weight = jax.block_until_ready(result.weight)
+    if mesh is not None:
+        new_weight = jnp.asarray(to_host(new_weight)[:rows])
+    return new_weight, result.info
+
+
+def layer_memory_bytes(d_out: int, d_in: int, num_grams: int, activation_bytes: int) -> int:
+    """What must fit at once for one layer problem (the documented bound, float32):
+    the weight and its pruned copy plus solver state (~4 more (d_out, d_in) arrays), the
+    layer's Grams, and the calibration activations of one block (one or two streams)."""
+    return 4 * (6 * d_out * d_in + num_grams * d_in * d_in) + activation_bytes
+
+
+def _device_peak_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
 def prune_blocks(
     model,
     calibration: np.ndarray,
@@ -162,40 +241,36 @@ def prune_blocks(
     """
     layer_method = get_method(method)
     spec = model.spec
+    mesh = options.mesh
     for role in block_linear_names(spec):
-        shape = getattr(model.layers[0], role).weight[...].shape
-        check_pattern_fits(pattern, shape)
-    ids = jnp.asarray(calibration)
-    x = jnp.concatenate(
-        [
-            embed_tokens(model, ids[s : s + options.batch_size])
-            for s in range(0, ids.shape[0], options.batch_size)
-        ]
+        check_pattern_fits(pattern, getattr(model.layers[0], role).weight[...].shape)
+    size = options.batch_size
+    windows = [calibration[s : s + size] for s in range(0, calibration.shape[0], size)]
+    embed_graph, embed_state = nnx.split(model)
+    embed_state = jax.tree.map(lambda a: replicate(a, mesh), embed_state)
+    x = Activations(
+        [embed_tokens_fn(embed_graph, embed_state, shard_leading(w, mesh)) for w in windows],
+        options,
     )
     use_dense = options.intra_block or not options.sequential
     x_dense = x if use_dense else None
-    num_tokens = int(ids.size)
+    num_tokens = int(calibration.size)
     records = []
     for index, block in enumerate(model.layers):
         graphdef, live_state = nnx.split(block)
         # split returns the block's own Variables, which nnx.update below overwrites: keep two
         # separate containers (sharing the immutable arrays) for the dense and pruned weights.
-        dense_state = jax.tree.map(lambda a: a, live_state)
-        state = jax.tree.map(lambda a: a, live_state)
+        dense_state = jax.tree.map(lambda a: replicate(a, mesh), live_state)
+        state = jax.tree.map(lambda a: replicate(a, mesh), live_state)
         # Parallel-block mode: this block sees the dense model's input.
         x_in = x if options.sequential else x_dense
+        streams = 2 if options.intra_block or not options.sequential else 1
         for stage in block_stages(spec, options.intra_block):
             if progress is not None:
                 progress(f"block {index}: {','.join(stage)}", index, spec.num_layers)
             taps = sorted({LINEAR_INPUTS[n] for n in stage})
-            grams = accumulate_grams(
-                graphdef,
-                taps,
-                state,
-                dense_state,
-                x_in,
-                x_dense if options.intra_block else None,
-                options.batch_size,
+            grams = stream_grams(
+                graphdef, taps, state, dense_state, x_in, x_dense if options.intra_block else None
             )
             for role in stage:
                 tap = grams[LINEAR_INPUTS[role]]
@@ -209,8 +284,7 @@ def prune_blocks(
                     name=name,
                 )
                 started = time.perf_counter()
-                result = layer_method(problem, pattern, **options.method_options)
-                new_weight = jax.block_until_ready(result.weight)
+                new_weight, info = _solve_layer(layer_method, problem, pattern, options)
                 seconds = time.perf_counter() - started
                 error, reference = reconstruction_error(
                     new_weight,
@@ -219,27 +293,33 @@ def prune_blocks(
                     tap.get("cross"),
                     tap.get("dense", tap["gram"]),
                 )
-                _set_linear_weight(state, role, new_weight.astype(weight0.dtype))
+                _set_linear_weight(state, role, replicate(new_weight.astype(weight0.dtype), mesh))
+                d_out, d_in = weight0.shape
                 records.append(
                     {
                         "name": hf_names(name) if hf_names else name,
                         "block": index,
                         "role": role,
-                        "shape": list(weight0.shape),
+                        "shape": [d_out, d_in],
                         "sparsity": float(jnp.mean(new_weight == 0)),
                         "relative_error": float(error / jnp.maximum(reference, 1e-30)),
                         "seconds": seconds,
-                        "info": plain(result.info),
+                        "memory": {
+                            "bound_bytes": layer_memory_bytes(
+                                d_out, d_in, len(tap), streams * x.nbytes
+                            ),
+                            "device_peak_bytes": _device_peak_bytes(),
+                        },
+                        "info": plain(info),
                     }
                 )
-        nnx.update(block, state)
+        nnx.update(block, jax.tree.map(lambda a: jnp.asarray(to_host(a)), state))
         if use_dense:
-            x_dense = block_outputs(graphdef, dense_state, x_dense, options.batch_size)
-        x = (
-            block_outputs(graphdef, state, x_in, options.batch_size)
-            if options.sequential
-            else x_dense
-        )
+            x_dense = x_dense.map(functools.partial(_block_outputs, graphdef, dense_state))
+        if options.sequential:
+            x = x_in.map(functools.partial(_block_outputs, graphdef, state))
+        else:
+            x = x_dense
     if progress is not None:
         progress("done", spec.num_layers, spec.num_layers)
     return records
