@@ -87,9 +87,9 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()[0]
 
     import torch
-    from jprune.converters.hf import load_model
     from transformers import AutoModelForCausalLM
 
+    from jprune.converters.hf import load_model
     from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
     from jprune.evaluate import perplexity
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EVAL_TEXT, STORIES260K
 from transformers import AutoModelForCausalLM
 
 from jprune.cli import build_parser, main
+
+from conftest import EVAL_TEXT, STORIES260K
 
 
 def _entry_point() -> list[str]:

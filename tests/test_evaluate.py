@@ -5,13 +5,14 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K
-from jprune.converters.hf import load_model
 from transformers import AutoModelForCausalLM
 
+from jprune.converters.hf import load_model
 from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
 from jprune.errors import JpruneError
 from jprune.evaluate import perplexity
+
+from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K
 
 
 def _torch_perplexity(path, windows: np.ndarray, batch_size: int = 16) -> float:
