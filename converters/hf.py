@@ -23,7 +23,12 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jprune.converters.spec import ModelSpec, UnsupportedModelError, spec_from_hf_config
+from jprune.converters.spec import (
+    ModelSpec,
+    UnsupportedModelError,
+    layer_widths,
+    spec_from_hf_config,
+)
 from jprune.errors import JpruneError
 
 
@@ -239,7 +244,23 @@ def load_model(path: str | os.PathLike, dtype: str | None = None):
     config = read_config(path)
     spec = spec_from_hf_config(config)
     arrays = canonical_arrays(spec, read_tensors(path), dtype)
+    _check_widths(config, spec, arrays)
     return CausalLM(spec, arrays), config
+
+
+def _check_widths(config: Mapping[str, Any], spec: ModelSpec, arrays) -> None:
+    """The MLP and value widths of the tensors are the ones the config declares, per layer."""
+    widths = layer_widths(config, spec)
+    for i in range(spec.num_layers):
+        found = {
+            "intermediate": arrays[f"layers.{i}.down.weight"].shape[1],
+            "v_head": arrays[f"layers.{i}.v.weight"].shape[0] // spec.num_kv_heads,
+        }
+        for key, width in found.items():
+            if width != widths[key][i]:
+                raise CheckpointError(
+                    f"layer {i}: tensors have {key} width {width}, the config says {widths[key][i]}"
+                )
 
 
 # ---------------------------------------------------------------- writing
@@ -341,6 +362,11 @@ def save_model(
         for name in TOKENIZER_FILES if src else ():
             if (src / name).is_file():
                 shutil.copy2(src / name, staging / name)
+        # Remote modeling code the config points to travels with the weights.
+        for ref in (config.get("auto_map") or {}).values() if src else ():
+            module = f"{ref.split('.')[0]}.py"
+            if (src / module).is_file():
+                shutil.copy2(src / module, staging / module)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
     return Path(out)

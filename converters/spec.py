@@ -175,7 +175,19 @@ _FAMILY_FIELDS = {
         }
     ),
 }
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "opt": "OPTForCausalLM"}
+# Structured pruning with per-layer widths exports a LLaMA whose config lists them
+# (``converters/remote_llama.py``, loaded through ``auto_map``); the forward is LLaMA's.
+_FAMILY_FIELDS["jprune_llama"] = _FAMILY_FIELDS["llama"] | {
+    "intermediate_sizes",
+    "v_head_dims",
+    "auto_map",
+}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "opt": "OPTForCausalLM",
+    "jprune_llama": "JpruneLlamaForCausalLM",
+}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu"}
 
 SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
@@ -319,6 +331,34 @@ def _opt_spec(config: Mapping[str, Any]) -> ModelSpec:
     )
 
 
+def _check_layer_widths(config: Mapping[str, Any], num_layers: int) -> None:
+    for key in ("intermediate_sizes", "v_head_dims"):
+        widths = config.get(key)
+        if widths is None:
+            raise UnsupportedModelError(f"jprune_llama config is missing the field {key!r}")
+        if (
+            not isinstance(widths, list)
+            or len(widths) != num_layers
+            or not all(isinstance(w, int) and w > 0 for w in widths)
+        ):
+            raise UnsupportedModelError(
+                f"jprune_llama {key} must list {num_layers} positive integers, got {widths!r}"
+            )
+
+
+def layer_widths(config: Mapping[str, Any], spec: ModelSpec) -> dict[str, list[int]]:
+    """Per-layer MLP width and value-head width the config promises (stock: uniform)."""
+    if "intermediate_sizes" in config:
+        return {
+            "intermediate": list(config["intermediate_sizes"]),
+            "v_head": list(config["v_head_dims"]),
+        }
+    return {
+        "intermediate": [spec.intermediate_size] * spec.num_layers,
+        "v_head": [spec.head_dim] * spec.num_layers,
+    }
+
+
 def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
     """Read a raw ``config.json`` dict; refuse anything that would change the forward pass."""
     family = config.get("model_type")
@@ -332,7 +372,13 @@ def spec_from_hf_config(config: Mapping[str, Any]) -> ModelSpec:
                 f"architecture {arch!r} is not supported (expected {_ARCHITECTURES[family]})"
             )
     _refuse_unknown_fields(config, family)
-    spec = _opt_spec(config) if family == "opt" else _llama_like_spec(config, family)
+    if family == "jprune_llama":
+        spec = _llama_like_spec(config, "llama")
+        _check_layer_widths(config, spec.num_layers)
+    elif family == "opt":
+        spec = _opt_spec(config)
+    else:
+        spec = _llama_like_spec(config, family)
     if spec.num_heads % spec.num_kv_heads:
         raise UnsupportedModelError(
             f"num_attention_heads={spec.num_heads} is not a multiple of num_key_value_heads={spec.num_kv_heads}"

@@ -113,6 +113,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"{report['method']} {report['pattern']}: sparsity {summary['sparsity']:.4f}, "
         f"summed relative error {summary['relative_error_sum']:.4g}, pruned in {report['prune_seconds']:.1f} s"
     )
+    if report["parameters"] != report["parameters_before"]:
+        print(f"parameters: {report['parameters_before']:,} -> {report['parameters']:,}")
     for text, ppl in report["perplexity"].items():
         print(f"perplexity on {text}: {ppl['before']:.4f} -> {ppl['after']:.4f}")
     if args.out:
@@ -122,6 +124,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def add_prune_parser(sub) -> None:
     from jprune.methods import METHODS
+    from jprune.structured import STRUCTURED_METHODS
 
     pr = sub.add_parser(
         "prune",
@@ -130,9 +133,20 @@ def add_prune_parser(sub) -> None:
         "and write an HF checkpoint (dense tensors with zeros) with report.json inside.",
     )
     pr.add_argument("--model", required=True, help="Hugging Face model directory to prune")
-    pr.add_argument("--method", required=True, choices=sorted(METHODS), help="pruning method")
+    pr.add_argument(
+        "--method",
+        required=True,
+        choices=sorted([*METHODS, *STRUCTURED_METHODS]),
+        help="pruning method; structured (channels removed, smaller checkpoint): "
+        + ", ".join(STRUCTURED_METHODS)
+        + " (--option attention=true also prunes v/o channels)",
+    )
     target = pr.add_mutually_exclusive_group(required=True)
-    target.add_argument("--sparsity", type=float, help="fraction of weights set to zero, in (0, 1)")
+    target.add_argument(
+        "--sparsity",
+        type=float,
+        help="fraction of weights set to zero, in (0, 1); for structured methods the fraction of channels removed",
+    )
     target.add_argument(
         "--pattern",
         help="semi-structured N:M pattern: keep N of every M consecutive inputs (e.g. 2:4, 4:8)",

@@ -164,7 +164,9 @@ class Block(nnx.Module):
         batch, seq, _ = h.shape
         q = self.q(h).reshape(batch, seq, -1, spec.head_dim)
         k = self.k(h).reshape(batch, seq, -1, spec.head_dim)
-        v = self.v(h).reshape(batch, seq, -1, spec.head_dim)
+        # Structured pruning may narrow v (and o's input) below head_dim: v's per-head width
+        # comes from its weight, q and k keep head_dim.
+        v = self.v(h).reshape(batch, seq, spec.num_kv_heads, -1)
         if spec.rope is not None:
             q, k = _apply_rope(q, spec), _apply_rope(k, spec)
         return causal_attention(q, k, v, spec).reshape(batch, seq, -1)

@@ -24,8 +24,9 @@ from jprune.engine import EngineOptions, prune_blocks, summarize
 from jprune.errors import JpruneError
 from jprune.evaluate import perplexity
 from jprune.methods import INTRA_BLOCK_METHODS, get_method
-from jprune.model import parameter_count
+from jprune.model import named_arrays, parameter_count
 from jprune.solvers import NM, check_pattern_fits, parse_pattern
+from jprune.structured import STRUCTURED_METHODS, check_target, parse_options, prune_structured
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -71,8 +72,17 @@ def prune(
     method's published protocol (on for ``fista``).
     """
     started = time.perf_counter()
-    sparsity_pattern = _pattern(sparsity, pattern, scope)
-    get_method(method)
+    structured = method in STRUCTURED_METHODS
+    if structured:
+        if sparsity is None or pattern is not None:
+            raise JpruneError(
+                f"{method} is structured: give --sparsity, the fraction of channels removed"
+            )
+        structured_options = parse_options(method_options or {})
+        sparsity_pattern = f"structured {sparsity:g}"
+    else:
+        sparsity_pattern = _pattern(sparsity, pattern, scope)
+        get_method(method)
     if out is not None and Path(out).exists() and not force:
         raise JpruneError(f"output {str(out)!r} already exists (use --force to replace it)")
     if intra_block is None:
@@ -80,7 +90,9 @@ def prune(
 
     net, hf_config = load_model(model, dtype=dtype)
     spec = net.spec
-    for role in ("q", "o", "up", "down"):
+    if structured:
+        check_target(spec, named_arrays(net), sparsity, structured_options, hf_config)
+    for role in ("q", "o", "up", "down") if not structured else ():
         try:
             check_pattern_fits(sparsity_pattern, getattr(net.layers[0], role).weight[...].shape)
         except ValueError as err:
@@ -121,9 +133,24 @@ def prune(
         method_options=dict(method_options or {}),
     )
     prune_started = time.perf_counter()
-    records = prune_blocks(
-        net, calibration, method, sparsity_pattern, options, progress, _layer_hf_name(spec)
-    )
+    parameters_before = parameter_count(net)
+    config_updates, extra_files = {}, {}
+    if structured:
+        net, records, config_updates, extra_files = prune_structured(
+            net,
+            hf_config,
+            calibration,
+            method,
+            sparsity,
+            structured_options,
+            batch_size=batch_size,
+            progress=progress,
+            hf_names=_layer_hf_name(spec),
+        )
+    else:
+        records = prune_blocks(
+            net, calibration, method, sparsity_pattern, options, progress, _layer_hf_name(spec)
+        )
     prune_seconds = time.perf_counter() - prune_started
 
     after = {}
@@ -135,7 +162,7 @@ def prune(
         "model": str(model),
         "method": method,
         "pattern": str(sparsity_pattern),
-        "target_sparsity": sparsity_pattern.sparsity,
+        "target_sparsity": sparsity if structured else sparsity_pattern.sparsity,
         "settings": {
             "calib": str(calib),
             "nsamples": nsamples,
@@ -144,7 +171,7 @@ def prune(
             "sequential": sequential,
             "intra_block": intra_block,
             "batch_size": batch_size,
-            "scope": scope if not isinstance(sparsity_pattern, NM) else None,
+            "scope": scope if not structured and not isinstance(sparsity_pattern, NM) else None,
             "method_options": dict(method_options or {}),
             "dtype": dtype,
         },
@@ -154,6 +181,7 @@ def prune(
         },
         "summary": summarize(records),
         "parameters": parameter_count(net),
+        "parameters_before": parameters_before,
         "prune_seconds": prune_seconds,
         "machine": {
             "platform": platform.platform(),
@@ -170,6 +198,7 @@ def prune(
             out,
             source=model,
             force=force,
-            extra_files={"report.json": json.dumps(report, indent=2) + "\n"},
+            config_updates=config_updates,
+            extra_files={**extra_files, "report.json": json.dumps(report, indent=2) + "\n"},
         )
     return report

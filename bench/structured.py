@@ -1,0 +1,238 @@
+"""Structured pruning benchmark: perplexity of fasp / spap / wanda-sp and the exported model's speed.
+
+    .venv/bin/python bench/structured.py --out bench/structured.json      # run (appends rows)
+    .venv/bin/python bench/structured.py --out bench/structured.json --results bench/RESULTS.md
+
+For each model: prune MLP channels (and, with ``attention``, v/o channels too) at each ratio,
+perplexity on the TinyStories eval text and WikiText-2 (seqlen 512), pruning time. Speed: the
+30%-MLP fasp export of stories-mini against the dense checkpoint, both loaded by
+``transformers.AutoModelForCausalLM`` in this process, forward passes interleaved, median.
+Rows are appended to the JSON as they finish, so an interrupted run keeps what it measured;
+``--results`` rewrites only the ``## Structured pruning`` section of RESULTS.md from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+TEXTS = {"tinystories": "tinystories_eval.txt", "wikitext2": "wikitext2_raw_test.txt"}
+RATIOS = (0.1, 0.2, 0.3, 0.5)
+METHODS = ("wanda-sp", "fasp", "spap")
+SECTION = "## Structured pruning"
+
+
+def _windows(model_dir, seqlen: int, max_windows: dict[str, int | None]):
+    from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
+
+    tokenizer = load_tokenizer(model_dir)
+    out = {}
+    for name, file in TEXTS.items():
+        windows = eval_windows(tokenize(tokenizer, read_text(ASSETS / "text" / file)), seqlen)
+        out[name] = windows[: max_windows.get(name)]
+    return tokenizer, out
+
+
+def _append(path: Path, row: dict) -> None:
+    rows = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps([*rows, row], indent=1) + "\n")
+
+
+def run_quality(model_name, path, nsamples, seqlen, attention_ratios, wiki_windows, batch):
+    from jprune.converters.hf import load_model
+    from jprune.data import calibration_windows, read_text, tokenize
+    from jprune.evaluate import perplexity
+    from jprune.model import parameter_count
+    from jprune.structured import parse_options, prune_structured
+
+    model_dir = ASSETS / "models" / model_name
+    net, config = load_model(model_dir)
+    tokenizer, evals = _windows(model_dir, seqlen, {"wikitext2": wiki_windows})
+    calib = calibration_windows(
+        tokenize(tokenizer, read_text(ASSETS / "text" / "tinystories_calib.txt", split="train")),
+        nsamples,
+        seqlen,
+        0,
+    )
+    common = {"model": model_name, "nsamples": nsamples, "seqlen": seqlen}
+    common["eval_windows"] = {k: int(v.shape[0]) for k, v in evals.items()}
+    dense = {k: perplexity(net, w, batch_size=batch).perplexity for k, w in evals.items()}
+    _append(
+        path,
+        {
+            **common,
+            "method": "dense",
+            "ratio": 0.0,
+            "attention": False,
+            "ppl": dense,
+            "parameters": parameter_count(net),
+            "seconds": 0.0,
+        },
+    )
+    for attention in (False, True):
+        for ratio in RATIOS if not attention else attention_ratios:
+            for method in METHODS:
+                started = time.perf_counter()
+                result = prune_structured(
+                    net,
+                    config,
+                    calib,
+                    method,
+                    ratio,
+                    parse_options({"attention": attention}),
+                    batch_size=batch,
+                )
+                seconds = time.perf_counter() - started
+                ppl = {
+                    k: perplexity(result.model, w, batch_size=batch).perplexity
+                    for k, w in evals.items()
+                }
+                _append(
+                    path,
+                    {
+                        **common,
+                        "method": method,
+                        "ratio": ratio,
+                        "attention": attention,
+                        "ppl": ppl,
+                        "parameters": parameter_count(result.model),
+                        "seconds": seconds,
+                    },
+                )
+
+
+def run_speed(path, ratio, batch, seq, reps, nsamples):
+    """Forward tokens/s of the dense and the fasp-pruned stories-mini in transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jprune.converters.hf import load_model, save_model
+    from jprune.data import calibration_windows, load_tokenizer, read_text, tokenize
+    from jprune.structured import parse_options, prune_structured
+
+    model_dir = ASSETS / "models" / "stories-mini"
+    net, config = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    text = read_text(ASSETS / "text" / "tinystories_calib.txt", split="train")
+    calib = calibration_windows(tokenize(tokenizer, text), nsamples, 512, 0)
+    result = prune_structured(net, config, calib, "fasp", ratio, parse_options({}))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = save_model(
+            result.model, config, Path(tmp) / "pruned", config_updates=result.config_updates
+        )
+        models = {
+            "dense": AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+            "pruned": AutoModelForCausalLM.from_pretrained(out).eval(),
+        }
+    ids = torch.as_tensor(np.random.default_rng(0).integers(0, 512, (batch, seq)))
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(ids)  # warm-up
+        for _ in range(reps):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(ids)
+                times[name].append(time.perf_counter() - started)
+    tps = {k: batch * seq / statistics.median(v) for k, v in times.items()}
+    _append(
+        path,
+        {
+            "speed": True,
+            "ratio": ratio,
+            "batch": batch,
+            "seq": seq,
+            "reps": reps,
+            "threads": torch.get_num_threads(),
+            "tokens_per_s": tps,
+            "speedup": tps["pruned"] / tps["dense"],
+            "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+        },
+    )
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        SECTION,
+        "",
+        "`bench/structured.py` (CPU, 2 cores). Channels removed per layer, uniform; `+attn` also "
+        "removes the same fraction of v/o channels in every kv head (remote-code export). "
+        "Calibration: tinystories_calib.txt, seqlen 512, seed 0. ppl: seqlen 512; time: pruning "
+        "only (includes jit compilation).",
+        "",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows if "model" in r):
+        mine = [r for r in rows if r.get("model") == model]
+        first = mine[0]
+        lines += [
+            f"### {model} ({first['nsamples']} calibration windows; WikiText-2: first "
+            f"{first['eval_windows']['wikitext2']} windows, TinyStories: all "
+            f"{first['eval_windows']['tinystories']})",
+            "",
+            "| scope | ratio | method | TinyStories ppl | WikiText-2 ppl | params | time (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in mine:
+            scope = "dense" if r["method"] == "dense" else ("MLP+attn" if r["attention"] else "MLP")
+            lines.append(
+                f"| {scope} | {r['ratio']:.0%} | {r['method']} | {r['ppl']['tinystories']:.3f} | "
+                f"{r['ppl']['wikitext2']:.2f} | {r['parameters']:,} | {r['seconds']:.1f} |"
+            )
+        lines.append("")
+    for r in (r for r in rows if r.get("speed")):
+        t = r["tokens_per_s"]
+        lines += [
+            f"Forward speed in transformers (stories-mini, fasp {r['ratio']:.0%} MLP channels, "
+            f"stock `intermediate_size` export, batch {r['batch']} x {r['seq']} tokens, "
+            f"{r['threads']} torch threads, median of {r['reps']} interleaved passes): dense "
+            f"{t['dense']:,.0f} tok/s, pruned {t['pruned']:,.0f} tok/s, speed-up "
+            f"**{r['speedup']:.2f}x** (parameters {r['parameters']['dense']:,} -> "
+            f"{r['parameters']['pruned']:,}).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_section(results: Path, text: str) -> None:
+    """Replace this benchmark's section of RESULTS.md (or append it); other sections stay."""
+    current = results.read_text() if results.exists() else "# Benchmark results\n"
+    start = current.find(SECTION)
+    if start < 0:
+        updated = current.rstrip("\n") + "\n\n" + text
+    else:
+        end = current.find("\n## ", start + len(SECTION))
+        updated = current[:start] + text + ("" if end < 0 else current[end:])
+    results.write_text(updated.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON rows (appended)")
+    parser.add_argument("--results", type=Path, help="rewrite this file's section from --out")
+    parser.add_argument("--models", nargs="*", default=["stories-mini", "stories260K"])
+    parser.add_argument("--nsamples", type=int, nargs="*", default=[32, 128])
+    parser.add_argument("--wiki-windows", type=int, default=128)
+    parser.add_argument("--attention-ratios", type=float, nargs="*", default=list(RATIOS))
+    parser.add_argument("--speed", action="store_true", help="measure the forward speed first")
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    if args.results is None:
+        if args.speed:
+            run_speed(args.out, 0.3, batch=16, seq=256, reps=15, nsamples=32)
+        for model, nsamples in zip(args.models, args.nsamples, strict=True):
+            run_quality(
+                model, args.out, nsamples, 512, args.attention_ratios, args.wiki_windows, args.batch
+            )
+    else:
+        write_section(args.results, render(json.loads(args.out.read_text())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,409 @@
+"""Structured pruning of coupled channels: FASP, SPAP and the Wanda-sp baseline.
+
+A channel couples a row of the earlier linears with a column of the later one,
+``Y = W2 act(W1 X)``: the MLP's gate/up rows (fc1) with down's columns (fc2), and attention's v
+rows with o's columns. Removing both shrinks the matrices; q and k are never touched. With
+grouped-query attention, v channel ``c`` of kv head ``g`` feeds o's column ``c`` of every query
+head that reads ``g``; every kv head keeps the same number of channels, so a layer has one
+value-head width.
+
+With ``G = X X^T`` the Gram of the later matrix's inputs (calibration, pruned upstream), kept
+columns ``K`` and pruned ``P``:
+
+* ``wanda-sp`` (Wanda-sp / FLAP, the baseline): channel score = the Wanda scores
+  ``|W_ij| ||X_j||`` summed over the channel's weights in all coupled matrices; no weight
+  update, but a bias of the later matrix absorbs the pruned channels' mean output,
+  ``b += W2[:, P] mean(X_P)``.
+* ``fasp`` (arXiv 2501.09412): score ``S_j = sum_i |W2_ij| ||X_j||`` of the later matrix, then
+  least-squares restoration ``W2' = W2[:, K] + W2[:, P] G_PK (G_KK + lam I)^-1``.
+* ``spap`` (arXiv 2505.03373), MLP: ``min_{W,s} 1/2 ||W X - W2 X||^2  s.t.  W diag(s) = 0,
+  1^T s = k, s binary`` by penalty continuation (``solvers.select_columns``: alternating ridge
+  W steps and capped-simplex s steps), then the same exact restoration on the chosen columns.
+  Attention channels, outside the SPAP model, are chosen and restored as FASP does.
+
+Blocks are pruned in order, each on the inputs of the already-pruned model; inside a block the
+attention channels go first, and the MLP's Grams are taken after them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jprune import converters
+from jprune.engine import _batch_grams, plain, reconstruction_error
+from jprune.errors import JpruneError
+from jprune.model import Block, CausalLM, apply_block, embed_tokens, named_arrays
+from jprune.solvers import refit_columns, select_columns, topk_mask
+
+STRUCTURED_METHODS = ("fasp", "spap", "wanda-sp")
+
+REMOTE_MODULE = "modeling_jprune_llama"
+# Shipped as a module of jprune.converters; its text is written beside remote-code exports.
+_REMOTE_SOURCE = Path(converters.__file__).with_name("remote_llama.py")
+
+
+class Coupling(NamedTuple):
+    name: str  # "attention" | "mlp"
+    producers: tuple[str, ...]  # linears whose output rows are the channels
+    consumer: str  # the linear whose input columns they are
+    tap: str  # the consumer's input
+    producer_tap: str  # the producers' input
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOptions:
+    """``--option`` values of the structured methods (all JSON-typed)."""
+
+    attention: bool = False  # also prune v/o channels
+    allocation: str = "uniform"  # or "ramp": less pruning in early layers, more in late ones
+    ramp: float = 0.1  # ramp half-width: layer ratios go from s - ramp to s + ramp
+    layer_sparsity: tuple[float, ...] | None = None  # explicit per-layer ratios
+    damp: float = 0.01  # restoration ridge, relative to mean(diag G)
+    num_stages: int = 100  # spap continuation schedule
+    growth: float = 1.2
+    rho0: float = 1e-3
+    step: float = 0.01
+
+
+class StructuredResult(NamedTuple):
+    model: CausalLM  # the smaller model
+    records: list[dict[str, Any]]
+    config_updates: dict[str, Any]  # config.json changes for the export
+    extra_files: dict[str, str]  # files written beside it (remote modeling code)
+
+
+def couplings(spec, attention: bool) -> list[Coupling]:
+    mlp = Coupling(
+        "mlp", ("gate", "up") if spec.gated_mlp else ("up",), "down", "down_in", "mlp_in"
+    )
+    return ([Coupling("attention", ("v",), "o", "o_in", "attn_in")] if attention else []) + [mlp]
+
+
+def parse_options(raw: Mapping[str, Any]) -> StructuredOptions:
+    fields = {f.name for f in dataclasses.fields(StructuredOptions)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise JpruneError(
+            f"unknown option {unknown[0]!r} for structured pruning (known: {', '.join(sorted(fields))})"
+        )
+    values = dict(raw)
+    if "layer_sparsity" in values:
+        if not isinstance(values["layer_sparsity"], list):
+            raise JpruneError("option layer_sparsity must be a JSON list of ratios")
+        values["layer_sparsity"] = tuple(float(v) for v in values["layer_sparsity"])
+    if values.get("allocation", "uniform") not in ("uniform", "ramp"):
+        raise JpruneError(
+            f"option allocation must be uniform or ramp, got {values['allocation']!r}"
+        )
+    if not isinstance(values.get("attention", False), bool):
+        raise JpruneError("option attention must be true or false")
+    return StructuredOptions(**values)
+
+
+def layer_sparsities(sparsity: float, num_layers: int, options: StructuredOptions) -> list[float]:
+    """Per-layer ratios: uniform, a linear ramp with the same mean, or the explicit list."""
+    if options.layer_sparsity is not None:
+        if len(options.layer_sparsity) != num_layers:
+            raise JpruneError(
+                f"option layer_sparsity lists {len(options.layer_sparsity)} ratios for {num_layers} layers"
+            )
+        return list(options.layer_sparsity)
+    if options.allocation == "uniform" or num_layers == 1:
+        return [sparsity] * num_layers
+    offsets = np.linspace(-options.ramp, options.ramp, num_layers)
+    return [float(np.clip(sparsity + o, 0.0, 1.0)) for o in offsets]
+
+
+def num_removed(ratio: float, width: int) -> int:
+    """Channels removed from ``width`` at ``ratio`` (nearest count, halves round up)."""
+    return math.floor(ratio * width + 0.5)
+
+
+def check_target(spec, arrays, sparsity: float, options: StructuredOptions, family_config):
+    """Refuse, before any work, ratios that leave no channel and widths that cannot be exported."""
+    if not 0 <= sparsity < 1:
+        raise JpruneError(f"structured sparsity must be in [0, 1), got {sparsity}")
+    ratios = layer_sparsities(sparsity, spec.num_layers, options)
+    per_layer_widths = options.attention or len(set(ratios)) > 1
+    if per_layer_widths and family_config.get("model_type") not in ("llama", "jprune_llama"):
+        raise JpruneError(
+            f"{spec.family} has no exportable coupled v/o pair or per-layer widths: attention=true "
+            "and non-uniform allocation are implemented for LLaMA only (MLP-only uniform pruning "
+            "works for every family)"
+        )
+    for i, ratio in enumerate(ratios):
+        for coupling in couplings(spec, options.attention):
+            groups, width = _channel_groups(spec, coupling, arrays, i)
+            producer_rows = {arrays[f"layers.{i}.{p}.weight"].shape[0] for p in coupling.producers}
+            consumer_cols = arrays[f"layers.{i}.{coupling.consumer}.weight"].shape[1]
+            if producer_rows != {groups * width} or consumer_cols != _heads(spec, coupling) * width:
+                raise JpruneError(
+                    f"layer {i}: {'/'.join(coupling.producers)} rows and {coupling.consumer} "
+                    "columns are not a coupled pair"
+                )
+            if not 0 <= ratio < 1 or width - num_removed(ratio, width) < 1:
+                unit = "per kv head " if coupling.name == "attention" else ""
+                raise JpruneError(
+                    f"sparsity {ratio} leaves no {coupling.name} channel {unit}in layer {i} "
+                    f"({width} channels {unit}before pruning)"
+                )
+
+
+def _channel_groups(spec, coupling: Coupling, arrays, i: int) -> tuple[int, int]:
+    """(groups, channels per group): kv heads x value width, or one group for the MLP."""
+    rows = arrays[f"layers.{i}.{coupling.producers[0]}.weight"].shape[0]
+    if coupling.name == "attention":
+        return spec.num_kv_heads, rows // spec.num_kv_heads
+    return 1, rows
+
+
+def _column_channels(spec, coupling: Coupling, groups: int, width: int) -> np.ndarray:
+    """Channel index of each consumer column (o's column (h, c) reads kv head h // group)."""
+    if coupling.name == "mlp":
+        return np.arange(width)
+    head = np.arange(spec.num_heads) // (spec.num_heads // groups)
+    return (head[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+
+
+# ---------------------------------------------------------------- selection and restoration
+
+
+@jax.jit
+def _column_scores(W2, gram):
+    """FASP / Wanda column score ``sum_i |W2_ij| ||X_j||``."""
+    return jnp.sum(jnp.abs(W2), axis=0) * jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
+
+
+@jax.jit
+def _row_scores(W1, gram):
+    """Wanda score of each row of an earlier linear: ``sum_j |W1_rj| ||X_j||``."""
+    return jnp.abs(W1) @ jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
+
+
+def _damped(gram, damp):
+    return gram + damp * jnp.mean(jnp.diagonal(gram)) * jnp.eye(gram.shape[0], dtype=gram.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("damp",))
+def restore(W2, gram, keep, damp: float):
+    """``W2 + W2[:, P] G_PK (G_KK + lam I)^-1`` on the kept columns (pruned columns are 0).
+
+    Written as a correction of ``W2`` so a channel whose column is zero, or an empty ``P``,
+    leaves ``W2`` bit-exact.
+    """
+    correction = refit_columns(_damped(gram, damp), jnp.where(keep, 0, W2) @ gram, keep)
+    return jnp.where(keep, W2 + correction, 0)
+
+
+def _keep_top(scores, groups: int, removed: int) -> jax.Array:
+    per_group = scores.reshape(groups, -1)
+    return topk_mask(per_group, per_group.shape[1] - removed).reshape(-1)
+
+
+def _select(method, spec, coupling, weights, grams, groups, width, removed, options):
+    """Kept channels (bool, groups * width) and solver info."""
+    W2 = weights[coupling.consumer]
+    columns = jnp.asarray(_column_channels(spec, coupling, groups, width))
+    n_channels = groups * width
+    if method == "spap" and coupling.name == "mlp":
+        if removed == 0:
+            return jnp.ones(n_channels, bool), {}
+        gram = _damped(grams[coupling.tap], options.damp)
+        pruned, _, info = select_columns(
+            gram,
+            W2 @ gram,
+            removed,
+            num_stages=options.num_stages,
+            growth=options.growth,
+            rho0=options.rho0,
+            step=options.step,
+        )
+        return ~pruned, {"stages": info.stages, "settled": info.settled}
+    scores = jax.ops.segment_sum(
+        _column_scores(W2, grams[coupling.tap]), columns, num_segments=n_channels
+    )
+    if method == "wanda-sp":
+        for producer in coupling.producers:
+            scores = scores + _row_scores(weights[producer], grams[coupling.producer_tap])
+    return _keep_top(scores, groups, removed), {}
+
+
+def _heads(spec, coupling: Coupling) -> int:
+    return spec.num_heads if coupling.name == "attention" else 1
+
+
+# ---------------------------------------------------------------- the structured engine
+
+
+def _grams(graphdef, state, batches, taps: tuple[str, ...]) -> dict[str, jax.Array]:
+    """``X X^T`` per tap, summed over the calibration batches (the engine's per-batch kernel)."""
+    total = None
+    for x in batches:
+        grams = _batch_grams(graphdef, taps, False, state, state, x, None)
+        total = grams if total is None else jax.tree.map(jnp.add, total, grams)
+    return {tap: g["gram"] for tap, g in total.items()}
+
+
+def _tap_mean(graphdef, state, batches, tap: str) -> jax.Array:
+    total, count = 0.0, 0
+    for x in batches:
+        inputs = apply_block(graphdef, state, x)[1][tap]
+        total = total + jnp.sum(inputs.reshape(-1, inputs.shape[-1]), axis=0)
+        count += inputs.shape[0] * inputs.shape[1]
+    return total / count
+
+
+def _prune_coupling(method, spec, arrays, i, coupling, ratio, graphdef, state, batches, options):
+    """Choose and remove one coupling's channels in layer ``i``; update ``arrays``; a record."""
+    prefix = f"layers.{i}"
+    taps = sorted({coupling.tap, coupling.producer_tap})
+    grams = _grams(graphdef, state, batches, tuple(taps))
+    weights = {
+        role: jnp.asarray(arrays[f"{prefix}.{role}.weight"], jnp.float32)
+        for role in (*coupling.producers, coupling.consumer)
+    }
+    groups, width = _channel_groups(spec, coupling, arrays, i)
+    removed = num_removed(ratio, width)
+    started = time.perf_counter()
+    keep, info = _select(method, spec, coupling, weights, grams, groups, width, removed, options)
+    columns = _column_channels(spec, coupling, groups, width)
+    keep_cols = keep[jnp.asarray(columns)]
+    W2, gram = weights[coupling.consumer], grams[coupling.tap]
+    bias_name = f"{prefix}.{coupling.consumer}.bias"
+    if method == "wanda-sp":
+        new_W2 = jnp.where(keep_cols, W2, 0)
+        if bias_name in arrays:
+            mean = _tap_mean(graphdef, state, batches, coupling.tap)
+            shift = jnp.where(keep_cols, 0, W2) @ mean
+            arrays[bias_name] = np.asarray(
+                arrays[bias_name] + shift.astype(arrays[bias_name].dtype)
+            )
+    else:
+        new_W2 = restore(W2, gram, keep_cols, options.damp)
+    new_W2 = jax.block_until_ready(new_W2)
+    seconds = time.perf_counter() - started
+    error, reference = reconstruction_error(new_W2, W2, gram, None, gram)
+    keep_np, cols_np = np.asarray(keep), np.asarray(keep_cols)
+    dtype = arrays[f"{prefix}.{coupling.consumer}.weight"].dtype
+    arrays[f"{prefix}.{coupling.consumer}.weight"] = np.asarray(new_W2)[:, cols_np].astype(dtype)
+    for producer in coupling.producers:
+        for kind in ("weight", "bias"):
+            name = f"{prefix}.{producer}.{kind}"
+            if name in arrays:
+                arrays[name] = np.asarray(arrays[name])[keep_np]
+    return {
+        "block": i,
+        "role": coupling.name,
+        "shape": list(W2.shape),
+        "sparsity": float(1 - keep_np.mean()),
+        "channels": {"before": groups * width, "after": int(keep_np.sum())},
+        "relative_error": float(error / jnp.maximum(reference, 1e-30)),
+        "seconds": seconds,
+        "info": plain(info),
+    }
+
+
+def prune_structured(
+    model: CausalLM,
+    hf_config: Mapping[str, Any],
+    calibration: np.ndarray,
+    method: str,
+    sparsity: float,
+    options: StructuredOptions,
+    *,
+    batch_size: int = 8,
+    progress: Callable[[str, int, int], None] | None = None,
+    hf_names: Callable[[str], str] | None = None,
+) -> StructuredResult:
+    """Remove ``sparsity`` of the coupled channels of every block; return the smaller model.
+
+    ``calibration`` is (nsamples, seqlen) token ids. The returned ``config_updates`` and
+    ``extra_files`` make ``converters.hf.save_model`` write a checkpoint transformers loads.
+    """
+    if method not in STRUCTURED_METHODS:
+        raise JpruneError(
+            f"{method!r} is not a structured method ({', '.join(STRUCTURED_METHODS)})"
+        )
+    spec = model.spec
+    arrays = {k: np.asarray(v) for k, v in named_arrays(model).items()}
+    check_target(spec, arrays, sparsity, options, hf_config)
+    ratios = layer_sparsities(sparsity, spec.num_layers, options)
+    ids = jnp.asarray(calibration)
+    batches = [
+        embed_tokens(model, ids[s : s + batch_size]) for s in range(0, ids.shape[0], batch_size)
+    ]
+    records = []
+    for i in range(spec.num_layers):
+        for coupling in couplings(spec, options.attention):
+            if progress is not None:
+                progress(f"block {i}: {coupling.name}", i, spec.num_layers)
+            graphdef, state = nnx.split(Block(arrays, f"layers.{i}", spec))
+            record = _prune_coupling(
+                method,
+                spec,
+                arrays,
+                i,
+                coupling,
+                ratios[i],
+                graphdef,
+                state,
+                batches,
+                options,
+            )
+            consumer = f"layers.{i}.{coupling.consumer}"
+            records.append({"name": hf_names(consumer) if hf_names else consumer, **record})
+        graphdef, state = nnx.split(Block(arrays, f"layers.{i}", spec))
+        batches = [apply_block(graphdef, state, x)[0] for x in batches]
+    if progress is not None:
+        progress("done", spec.num_layers, spec.num_layers)
+    widths = [arrays[f"layers.{i}.down.weight"].shape[1] for i in range(spec.num_layers)]
+    v_heads = [
+        arrays[f"layers.{i}.v.weight"].shape[0] // spec.num_kv_heads for i in range(spec.num_layers)
+    ]
+    new_spec = dataclasses.replace(spec, intermediate_size=max(widths))
+    updates, files = export_config(spec, hf_config, widths, v_heads)
+    return StructuredResult(CausalLM(new_spec, arrays), records, updates, files)
+
+
+def export_config(
+    spec, hf_config: Mapping[str, Any], widths: list[int], v_heads: list[int]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Config changes (and files) that describe the pruned widths to transformers.
+
+    One MLP width everywhere and untouched value heads: the stock config with a new
+    ``intermediate_size`` / ``ffn_dim``. Otherwise the per-layer ``jprune_llama`` config and its
+    modeling file, loaded through ``auto_map`` with ``trust_remote_code=True``.
+    """
+    stock = (
+        len(set(widths)) == 1
+        and set(v_heads) == {spec.head_dim}
+        and "intermediate_sizes" not in hf_config
+    )
+    if stock:
+        key = "ffn_dim" if spec.family == "opt" else "intermediate_size"
+        return {key: widths[0]}, {}
+    return (
+        {
+            "model_type": "jprune_llama",
+            "architectures": ["JpruneLlamaForCausalLM"],
+            "auto_map": {
+                "AutoConfig": f"{REMOTE_MODULE}.JpruneLlamaConfig",
+                "AutoModelForCausalLM": f"{REMOTE_MODULE}.JpruneLlamaForCausalLM",
+            },
+            "intermediate_size": max(widths),
+            "intermediate_sizes": widths,
+            "v_head_dims": v_heads,
+        },
+        {f"{REMOTE_MODULE}.py": _REMOTE_SOURCE.read_text()},
+    )

@@ -1,0 +1,205 @@
+"""Structured pruning: coupling invariants, export that transformers reloads, refused input."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from jprune.cli import main
+from jprune.converters.hf import load_model, read_config, save_model
+from jprune.errors import JpruneError
+from jprune.model import CausalLM, logits, named_arrays, parameter_count
+from jprune.prune import prune
+from jprune.structured import STRUCTURED_METHODS, parse_options, prune_structured
+
+from conftest import CALIB_TEXT, STORIES260K
+
+METHODS = STRUCTURED_METHODS
+
+
+def _calibration(vocab: int, nsamples: int = 4, seqlen: int = 32) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, vocab, (nsamples, seqlen))
+
+
+def _ids(vocab: int) -> jnp.ndarray:
+    return jnp.asarray(np.random.default_rng(1).integers(0, vocab, (2, 24)))
+
+
+def _transformers_logits(directory, ids, remote: bool) -> np.ndarray:
+    hf = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=remote).eval()
+    with torch.no_grad():
+        return hf(torch.as_tensor(np.asarray(ids))).logits.numpy()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ratio_zero_reproduces_the_dense_model(zoo, method):
+    net, config = load_model(zoo["llama3-gqa"])
+    ids = _ids(net.spec.vocab_size)
+    dense = np.asarray(logits(net, ids))
+    result = prune_structured(
+        net,
+        config,
+        _calibration(net.spec.vocab_size),
+        method,
+        0.0,
+        parse_options({"attention": True}),
+    )
+    np.testing.assert_array_equal(np.asarray(logits(result.model, ids)), dense)
+    assert parameter_count(result.model) == parameter_count(net)
+
+
+def _zero_channel(net: CausalLM, coupling: str) -> CausalLM:
+    """The same model with one channel (per kv head) whose weights are all zero."""
+    arrays = {k: np.array(v) for k, v in named_arrays(net).items()}
+    spec = net.spec
+    for i in range(spec.num_layers):
+        p = f"layers.{i}"
+        if coupling == "mlp":
+            arrays[f"{p}.down.weight"][:, 5] = 0
+            for producer in ("gate", "up") if spec.gated_mlp else ("up",):
+                arrays[f"{p}.{producer}.weight"][5] = 0
+        else:  # channel 3 of every kv head: v's row (g, 3), o's column (h, 3) of every head
+            arrays[f"{p}.o.weight"].reshape(spec.hidden_size, spec.num_heads, -1)[:, :, 3] = 0
+            arrays[f"{p}.v.weight"].reshape(spec.num_kv_heads, -1, spec.hidden_size)[:, 3] = 0
+    return CausalLM(spec, arrays)
+
+
+@pytest.mark.parametrize(
+    ("method", "arch", "coupling"),
+    [
+        *((m, "llama3-gqa", "mlp") for m in METHODS),
+        ("fasp", "llama3-gqa", "attention"),
+        ("wanda-sp", "opt", "mlp"),  # the bias compensation adds W2[:, P] mean(X_P) = 0
+    ],
+)
+def test_removing_a_zero_channel_changes_nothing(zoo, method, arch, coupling):
+    net, config = load_model(zoo[arch])
+    net = _zero_channel(net, coupling)
+    spec = net.spec
+    ids = _ids(spec.vocab_size)
+    before = np.asarray(logits(net, ids))
+    attention = coupling == "attention"
+    groups = spec.num_kv_heads if attention else 1
+    width = net.layers[0].v.weight[...].shape[0] // groups if attention else spec.intermediate_size
+    calibration = _calibration(spec.vocab_size)
+    pruned = prune_structured(
+        net, config, calibration, method, 1 / width, parse_options({"attention": attention})
+    ).model
+    if attention:
+        assert pruned.layers[0].v.weight[...].shape[0] == groups * (width - 1)
+        # The MLP lost channels too, at the same ratio: the v/o removal must add nothing to it.
+        mlp_only = prune_structured(net, config, calibration, method, 1 / width, parse_options({}))
+        before = np.asarray(logits(mlp_only.model, ids))
+    else:
+        assert pruned.layers[0].down.weight[...].shape[1] == width - 1
+    np.testing.assert_allclose(np.asarray(logits(pruned, ids)), before, atol=1e-5, rtol=0)
+
+
+def _check_reload(directory, pruned: CausalLM, remote: bool) -> None:
+    """transformers and jprune's loader read the export back; logits equal the pruned model's."""
+    ids = _ids(pruned.spec.vocab_size)
+    expected = np.asarray(logits(pruned, ids))
+    np.testing.assert_allclose(_transformers_logits(directory, ids, remote), expected, atol=1e-4)
+    reloaded, _ = load_model(directory)
+    np.testing.assert_allclose(np.asarray(logits(reloaded, ids)), expected, atol=1e-5)
+    assert parameter_count(reloaded) == parameter_count(pruned)
+
+
+def test_stories_exports_load_stock_and_remote(assets, tmp_path):
+    """30% of 172 MLP channels = 52 per layer; with attention also 2 of 8 value channels per head."""
+    common = dict(calib=CALIB_TEXT, nsamples=2, seqlen=32)
+    dense, _ = load_model(STORIES260K)
+    hidden, layers = dense.spec.hidden_size, dense.spec.num_layers
+    mlp_removed = layers * 52 * 3 * hidden
+    attn_removed = layers * (dense.spec.num_kv_heads + dense.spec.num_heads) * 2 * hidden
+
+    stock = tmp_path / "stock"
+    report = prune(STORIES260K, "fasp", sparsity=0.3, out=stock, **common)
+    assert report["parameters_before"] - report["parameters"] == mlp_removed
+    config = read_config(stock)
+    assert config["model_type"] == "llama" and config["intermediate_size"] == 120
+    assert "auto_map" not in config
+    pruned, _ = load_model(stock)
+    _check_reload(stock, pruned, remote=False)
+    assert json.loads((stock / "report.json").read_text())["parameters"] == report["parameters"]
+
+    remote = tmp_path / "remote"
+    report = prune(
+        STORIES260K,
+        "spap",
+        sparsity=0.3,
+        out=remote,
+        method_options={"attention": True, "num_stages": 30},
+        **common,
+    )
+    assert report["parameters_before"] - report["parameters"] == mlp_removed + attn_removed
+    config = read_config(remote)
+    assert config["model_type"] == "jprune_llama" and config["v_head_dims"] == [6] * layers
+    assert (remote / f"{config['auto_map']['AutoConfig'].split('.')[0]}.py").is_file()
+    pruned, _ = load_model(remote)
+    _check_reload(remote, pruned, remote=True)
+    ids = _ids(dense.spec.vocab_size)
+    hf = AutoModelForCausalLM.from_pretrained(remote, trust_remote_code=True)
+    assert type(hf).__name__ == "JpruneLlamaForCausalLM"
+    assert sum(p.numel() for p in hf.parameters()) == report["parameters"]
+    # A second round trip through jprune keeps the remote code beside the weights.
+    again = tmp_path / "again"
+    save_model(pruned, config, again, source=remote)
+    np.testing.assert_allclose(
+        _transformers_logits(again, ids, True), np.asarray(logits(pruned, ids)), atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    ("arch", "options", "remote"),
+    [
+        ("opt", {}, False),
+        ("llama3-gqa", {"allocation": "ramp", "ramp": 0.2, "attention": True}, True),
+    ],
+)
+def test_zoo_exports_reload(zoo, tmp_path, arch, options, remote):
+    net, config = load_model(zoo[arch])
+    result = prune_structured(
+        net, config, _calibration(net.spec.vocab_size), "fasp", 0.25, parse_options(options)
+    )
+    widths = [layer.down.weight[...].shape[1] for layer in result.model.layers]
+    assert (len(set(widths)) > 1) == remote
+    out = save_model(
+        result.model,
+        config,
+        tmp_path / arch,
+        config_updates=result.config_updates,
+        extra_files=result.extra_files,
+    )
+    _check_reload(out, result.model, remote)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sparsity", "1.0"], "structured sparsity must be in [0, 1)"),
+        (["--sparsity", "0.97", "--option", "attention=true"], "leaves no attention channel"),
+        (["--sparsity", "0.3", "--option", "heads=2"], "unknown option 'heads'"),
+        (["--pattern", "2:4"], "give --sparsity"),
+    ],
+)
+def test_bad_targets_are_refused_with_one_line(assets, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(STORIES260K), "--method", "fasp", "--calib", str(CALIB_TEXT)]
+    assert main([*argv, *args, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jprune: error: ") and message in err and "\n" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_architecture_without_an_exportable_pair_is_refused(zoo):
+    net, config = load_model(zoo["opt"])
+    with pytest.raises(JpruneError, match="no exportable coupled v/o pair"):
+        prune_structured(
+            net, config, _calibration(96), "fasp", 0.25, parse_options({"attention": True})
+        )
