@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 .PHONY: venv demo test lint
 venv: $(STAMP)
 
+# Prune the reference model to 50% with FISTAPruner (cold start) and report perplexity
+# before and after on the TinyStories evaluation text.
 demo: $(STAMP)
-	$(BIN)/jprune eval --model $(ASSETS)/models/stories260K --text $(ASSETS)/text/tinystories_eval.txt --seqlen 512
+	$(BIN)/jprune prune --model $(ASSETS)/models/stories260K --method fista --sparsity 0.5 \
+		--calib $(ASSETS)/text/tinystories_calib.txt --nsamples 128 --seqlen 512 --seed 0 \
+		--eval $(ASSETS)/text/tinystories_eval.txt --out out/stories260K-fista-50 --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -76,6 +76,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from jprune.prune import prune
 
+    if args.distributed:
+        from jprune.sharding import initialize_distributed
+
+        initialize_distributed()
     bar = tqdm(total=None, desc="prune", unit="block", disable=args.quiet, file=sys.stderr)
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -104,6 +108,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             method_options=dict(args.option or ()),
             dtype=args.dtype,
+            mesh=args.mesh,
+            offload=args.offload,
             progress=progress,
         )
     finally:
@@ -210,6 +216,24 @@ def add_prune_parser(sub) -> None:
         choices=DTYPE_CHOICES,
         default=None,
         help="cast the weights on load (default: keep the stored dtype)",
+    )
+    pr.add_argument(
+        "--mesh",
+        default=None,
+        help="devices to spread the work over: N (the first N devices) or 'auto' (all); calibration "
+        "batches are split across them and each layer's rows are sharded (default: one device)",
+    )
+    pr.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep block activations in host memory between forward passes (for models whose "
+        "calibration activations do not fit on the accelerator)",
+    )
+    pr.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host run: call jax.distributed.initialize() (coordinator address, process count "
+        "and id from the environment, see README); only process 0 writes --out",
     )
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_prune)

@@ -25,6 +25,7 @@ from jprune.errors import JpruneError
 from jprune.evaluate import perplexity
 from jprune.methods import INTRA_BLOCK_METHODS, get_method
 from jprune.model import named_arrays, parameter_count
+from jprune.sharding import make_mesh, mesh_size
 from jprune.solvers import NM, check_pattern_fits, parse_pattern
 from jprune.structured import STRUCTURED_METHODS, check_target, parse_options, prune_structured
 
@@ -63,15 +64,20 @@ def prune(
     batch_size: int = 8,
     method_options: dict[str, Any] | None = None,
     dtype: str | None = None,
+    mesh: int | str | None = None,
+    offload: bool = False,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` (an HF directory) and return the report; write it to ``out`` if given.
 
     Give exactly one of ``sparsity`` (fraction of zeros, per row by default; ``scope="matrix"``
     for per layer) or ``pattern`` (``"2:4"``, ``"4:8"``). ``intra_block`` defaults to the
-    method's published protocol (on for ``fista``).
+    method's published protocol (on for ``fista``). ``mesh`` spreads calibration batches and
+    layer rows over devices (``"auto"``: all of them); ``offload`` keeps block activations in
+    host memory. With several processes (``jax.distributed``) only process 0 writes ``out``.
     """
     started = time.perf_counter()
+    device_mesh = make_mesh(mesh)
     structured = method in STRUCTURED_METHODS
     if structured:
         if sparsity is None or pattern is not None:
@@ -127,6 +133,8 @@ def prune(
         before[name] = perplexity(net, windows, batch_size=batch_size).perplexity
 
     options = EngineOptions(
+        mesh=device_mesh,
+        offload=offload,
         sequential=sequential,
         intra_block=intra_block,
         batch_size=batch_size,
@@ -187,11 +195,13 @@ def prune(
             "platform": platform.platform(),
             "jax_backend": jax.default_backend(),
             "devices": jax.device_count(),
+            "mesh_devices": mesh_size(device_mesh),
+            "processes": jax.process_count(),
         },
         "layers": records,
     }
     report["wall_seconds"] = time.perf_counter() - started
-    if out is not None:
+    if out is not None and jax.process_index() == 0:
         save_model(
             net,
             hf_config,
