@@ -66,6 +66,7 @@ def prune(
     dtype: str | None = None,
     mesh: int | str | None = None,
     offload: bool = False,
+    evaluate_dense: bool = True,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` (an HF directory) and return the report; write it to ``out`` if given.
@@ -75,6 +76,7 @@ def prune(
     method's published protocol (on for ``fista``). ``mesh`` spreads calibration batches and
     layer rows over devices (``"auto"``: all of them); ``offload`` keeps block activations in
     host memory. With several processes (``jax.distributed``) only process 0 writes ``out``.
+    ``evaluate_dense=False`` skips the perplexities before pruning (reported as null).
     """
     started = time.perf_counter()
     device_mesh = make_mesh(mesh)
@@ -127,8 +129,8 @@ def prune(
         if progress is not None:
             progress(stage, done, total)
 
-    before = {}
-    for name, windows in evaluations.items():
+    before = dict.fromkeys(evaluations)
+    for name, windows in evaluations.items() if evaluate_dense else ():
         report_progress(f"eval dense on {name}", 0, net.spec.num_layers)
         before[name] = perplexity(net, windows, batch_size=batch_size).perplexity
 
