@@ -82,5 +82,16 @@ def to_host(array) -> np.ndarray:
 
 
 def initialize_distributed() -> None:
-    """Join a multi-host run; coordinator and process ids come from the environment."""
-    jax.distributed.initialize()
+    """Join a multi-host run.
+
+    On SLURM / Open MPI / TPU pods JAX finds the cluster by itself. Elsewhere set
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JPRUNE_NUM_PROCESSES`` and
+    ``JPRUNE_PROCESS_ID`` on every host.
+    """
+    import os
+
+    count, index = os.environ.get("JPRUNE_NUM_PROCESSES"), os.environ.get("JPRUNE_PROCESS_ID")
+    jax.distributed.initialize(
+        num_processes=None if count is None else int(count),
+        process_id=None if index is None else int(index),
+    )
