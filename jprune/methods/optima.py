@@ -43,9 +43,14 @@ def layer_quadratic(
     return gram + damp * jnp.eye(gram.shape[0], dtype=gram.dtype), C, gram
 
 
+def row_errors(W: jax.Array, H: jax.Array, C: jax.Array) -> jax.Array:
+    """Each row's ``1/2 ||w_i Xp - w0_i X||^2`` per token, up to the constant ``1/2 ||w0_i X||^2``."""
+    return jnp.sum(W * (0.5 * (W @ H) - C), axis=-1)
+
+
 def layer_error(W: jax.Array, H: jax.Array, C: jax.Array) -> jax.Array:
     """``1/2 ||W Xp - W0 X||^2`` per token, up to the constant ``1/2 ||W0 X||^2``."""
-    return jnp.sum(W * (0.5 * (W @ H) - C))
+    return jnp.sum(row_errors(W, H, C))
 
 
 def refit(H, C, keep, start, *, maxiter, tol):
