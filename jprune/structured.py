@@ -206,6 +206,13 @@ def restore(W2, gram, keep, damp: float):
     return jnp.where(keep, W2 + correction, 0)
 
 
+@functools.partial(jax.jit, static_argnames=("damp",))
+def _restored_error(W2, gram, keep, damp: float) -> jax.Array:
+    """``||W2' X - W2 X||^2`` after restoring ``W2`` on the kept columns."""
+    delta = restore(W2, gram, keep, damp) - W2
+    return jnp.sum((delta @ gram) * delta)
+
+
 def _keep_top(scores, groups: int, removed: int) -> jax.Array:
     per_group = scores.reshape(groups, -1)
     return topk_mask(per_group, per_group.shape[1] - removed).reshape(-1)
@@ -229,7 +236,22 @@ def _select(method, spec, coupling, weights, grams, groups, width, removed, opti
             rho0=options.rho0,
             step=options.step,
         )
-        return ~pruned, {"stages": info.stages, "settled": info.settled}
+        # The continuation ends in a local minimizer of the mixed-integer model; the column
+        # score's selection is a second starting candidate. Both are refit exactly and the
+        # one with the lower layer error is kept, so the optimization never does worse than
+        # the heuristic it competes with.
+        scores = _column_scores(W2, grams[coupling.tap])
+        candidates = {"continuation": ~pruned, "score": _keep_top(scores, groups, removed)}
+        errors = {
+            name: float(_restored_error(W2, grams[coupling.tap], keep, options.damp))
+            for name, keep in candidates.items()
+        }
+        chosen = min(errors, key=errors.get)
+        return candidates[chosen], {
+            "stages": info.stages,
+            "settled": info.settled,
+            "continuation_won": chosen == "continuation",
+        }
     scores = jax.ops.segment_sum(
         _column_scores(W2, grams[coupling.tap]), columns, num_segments=n_channels
     )

@@ -33,10 +33,23 @@ SCRIPT = textwrap.dedent(
     from jprune.sharding import make_mesh
     from jprune.solvers import Unstructured
 
-    model_dir, calib, method, out = sys.argv[1:5]
+    model_dir, calib, methods, out = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
     meshes = [int(m) for m in sys.argv[5:]]
     assert jax.device_count() == 8, jax.devices()
-    result = {"layer": {}, "model": {}}
+
+    def layer_check(method, problem):
+        answers = {
+            m: np.asarray(
+                _solve_layer(get_method(method), problem, Unstructured(0.5), EngineOptions(mesh=make_mesh(m)))[0]
+            )
+            for m in meshes
+        }
+        base = answers[meshes[0]]
+        scale = float(np.abs(base).max())
+        return {
+            m: [float(np.abs(a - base).max()) / scale, int(((a != 0) != (base != 0)).sum())]
+            for m, a in answers.items()
+        }
 
     # 1. One real layer problem, identical Grams on every mesh: row sharding must not change
     #    the answer beyond float32 round-off (gate has 172 rows: padded to divide 8).
@@ -45,27 +58,25 @@ SCRIPT = textwrap.dedent(
     x = model.embed_tokens(jnp.asarray(ids))
     graphdef, state = nnx.split(model.layers[0])
     grams = accumulate_grams(graphdef, ["attn_in", "mlp_in", "down_in"], state, state, x, None, 8)
-    for role, tap in (("q", "attn_in"), ("gate", "mlp_in"), ("down", "down_in")):
-        problem = LayerProblem(state[role]["weight"][...], grams[tap]["gram"], None, ids.size, role)
-        answers = {
-            m: np.asarray(_solve_layer(get_method(method), problem, Unstructured(0.5), EngineOptions(mesh=make_mesh(m)))[0])
-            for m in meshes
-        }
-        base = answers[meshes[0]]
-        scale = float(np.abs(base).max())
-        result["layer"][role] = {
-            m: [float(np.abs(a - base).max()) / scale, int(((a != 0) != (base != 0)).sum())]
-            for m, a in answers.items()
-        }
-
-    # 2. The whole model: calibration batches are split across devices too.
-    for m in meshes:
-        report = jp.prune(model_dir, method, sparsity=0.5, calib=calib, nsamples=8, seqlen=64, mesh=m, out=f"{out}/mesh{m}")
-        assert report["machine"]["mesh_devices"] == m
-        result["model"][m] = report["summary"]["relative_error_sum"]
-    print(json.dumps(result))
+    results = {}
+    for method in methods:
+        result = results[method] = {"layer": {}, "model": {}}
+        for role, tap in (("q", "attn_in"), ("gate", "mlp_in"), ("down", "down_in")):
+            problem = LayerProblem(state[role]["weight"][...], grams[tap]["gram"], None, ids.size, role)
+            result["layer"][role] = layer_check(method, problem)
+        # 2. The whole model: calibration batches are split across devices too.
+        for m in meshes:
+            report = jp.prune(
+                model_dir, method, sparsity=0.5, calib=calib, nsamples=8, seqlen=64, mesh=m,
+                out=f"{out}/{method}-mesh{m}",
+            )
+            assert report["machine"]["mesh_devices"] == m
+            result["model"][m] = report["summary"]["relative_error_sum"]
+    print(json.dumps(results))
     """
 )
+METHODS = ("sparsegpt", "optima", "fista")
+MESHES = ("1", "2", "4", "8")
 
 
 def test_make_mesh_and_padding():
@@ -74,52 +85,59 @@ def test_make_mesh_and_padding():
     assert padded.shape == (5, 3)
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "optima", "fista"])
-def test_sharded_pruning_matches_one_device(assets, tmp_path, method):
-    """1-, 2-, 4- and 8-device meshes give one device's weights up to float32 round-off."""
-    script = tmp_path / "run.py"
+@pytest.fixture(scope="module")
+def sharded_runs(assets, tmp_path_factory):
+    """One subprocess with 8 virtual devices prunes with every method on every mesh."""
+    root = tmp_path_factory.mktemp("sharded")
+    script = root / "run.py"
     script.write_text(SCRIPT)
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
     }
-    meshes = ["1", "2", "4", "8"]
     done = subprocess.run(
         [
             sys.executable,
             str(script),
             str(STORIES260K),
             str(CALIB_TEXT),
-            method,
-            str(tmp_path),
-            *meshes,
+            ",".join(METHODS),
+            str(root),
+            *MESHES,
         ],
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return root, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sharded_pruning_matches_one_device(sharded_runs, method):
+    """1-, 2-, 4- and 8-device meshes give one device's weights up to float32 round-off."""
+    root, results = sharded_runs
+    result = results[method]
     # the same layer problem on every mesh: the same mask, and weights equal up to round-off
     # as the iterative solvers amplify it (they stop at a relative tolerance of ~1e-5)
     for role, per_mesh in result["layer"].items():
         for mesh, (relative_diff, mask_flips) in per_mesh.items():
             assert mask_flips == 0 and relative_diff < 1e-3, (role, mesh, relative_diff, mask_flips)
     # the whole model: data-parallel Grams sum in another order, so a near-tie may flip a
-    # handful of mask entries; the masks must agree almost everywhere and the errors closely
-    # fista's swap stage picks among near-equivalent masks, so round-off in the Grams moves its
+    # handful of mask entries; the masks must agree almost everywhere and the errors closely.
+    # fista's pursuit picks among near-equivalent masks, so round-off in the Grams moves its
     # choice more: it is held to the same quality rather than the same entries
     flip_budget, error_tolerance = (0.1, 0.02) if method == "fista" else (1e-3, 1e-3)
-    base = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "mesh1", dtype=torch.float32
-    ).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(root / f"{method}-mesh1", dtype=torch.float32)
+    base = base.state_dict()
     total = sum(t.numel() for n, t in base.items() if "layers" in n)
-    for mesh in meshes[1:]:
+    for mesh in MESHES[1:]:
         other = AutoModelForCausalLM.from_pretrained(
-            tmp_path / f"mesh{mesh}", dtype=torch.float32
-        ).state_dict()
+            root / f"{method}-mesh{mesh}", dtype=torch.float32
+        )
+        other = other.state_dict()
         flips = sum(int(((t != 0) != (other[n] != 0)).sum()) for n, t in base.items())
         assert flips <= flip_budget * total, (mesh, flips, total)
         assert result["model"][mesh] == pytest.approx(result["model"]["1"], rel=error_tolerance)
