@@ -24,6 +24,15 @@ _LLAMA_BASE = dict(
     rms_norm_eps=1e-5,
 )
 
+_OPT_BASE = dict(
+    vocab_size=96,
+    hidden_size=32,
+    ffn_dim=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+)
+
 
 def _configs():
     return {
@@ -54,31 +63,14 @@ def _configs():
             Qwen2ForCausalLM,
             Qwen2Config(**_LLAMA_BASE, num_key_value_heads=2, tie_word_embeddings=False),
         ),
+        # OPT-125m style (pre-norm) and OPT-350m style (post-norm, project_in/out)
         "opt": (
             OPTForCausalLM,
-            OPTConfig(
-                vocab_size=96,
-                hidden_size=32,
-                ffn_dim=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=512,
-                word_embed_proj_dim=32,
-                do_layer_norm_before=True,
-            ),
+            OPTConfig(**_OPT_BASE, word_embed_proj_dim=32, do_layer_norm_before=True),
         ),
         "opt-project": (
             OPTForCausalLM,
-            OPTConfig(
-                vocab_size=96,
-                hidden_size=32,
-                ffn_dim=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=512,
-                word_embed_proj_dim=16,
-                do_layer_norm_before=False,
-            ),
+            OPTConfig(**_OPT_BASE, word_embed_proj_dim=16, do_layer_norm_before=False),
         ),
     }
 
