@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jprune.solvers import NM, Unstructured
 
 from jprune.methods import METHODS, LayerProblem
 from jprune.methods.sparsegpt import sparsegpt_prune
 from jprune.methods.wanda import wanda_scores
+from jprune.solvers import NM, Unstructured
 
 PATTERNS = [
     Unstructured(0.5),

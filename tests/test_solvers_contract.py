@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_solvers_reference import make_problem
+
 from jprune.solvers import (
     NM,
     Unstructured,
@@ -19,7 +21,6 @@ from jprune.solvers import (
     select_columns,
     sparse_least_squares,
 )
-from test_solvers_reference import make_problem
 
 M, D = 4, 16
 _keep = np.random.default_rng(0).random((M, D)) < 0.5

@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jprune.solvers import box_qp, fista
 from test_solvers_reference import make_problem
+
+from jprune.solvers import box_qp, fista
 
 M, D = 3, 8
 

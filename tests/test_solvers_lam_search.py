@@ -3,8 +3,9 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jprune.solvers import NM, Unstructured, lam_search, num_pruned
 from test_solvers_reference import make_problem
+
+from jprune.solvers import NM, Unstructured, lam_search, num_pruned
 
 PATTERNS = [
     Unstructured(0.5),

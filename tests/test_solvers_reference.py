@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.optimize import lsq_linear
+from sklearn.linear_model import Lasso
+
 from jprune.solvers import (
     NM,
     Unstructured,
@@ -19,8 +22,6 @@ from jprune.solvers import (
     select_columns,
     sparse_least_squares,
 )
-from scipy.optimize import lsq_linear
-from sklearn.linear_model import Lasso
 
 
 def make_design(d, *, cond="well", seed=0, samples=4):
