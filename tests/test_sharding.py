@@ -127,9 +127,10 @@ def test_sharded_pruning_matches_one_device(sharded_runs, method):
             assert mask_flips == 0 and relative_diff < 1e-3, (role, mesh, relative_diff, mask_flips)
     # the whole model: data-parallel Grams sum in another order, so a near-tie may flip a
     # handful of mask entries; the masks must agree almost everywhere and the errors closely.
-    # fista's pursuit picks among near-equivalent masks, so round-off in the Grams moves its
-    # choice more: it is held to the same quality rather than the same entries
-    flip_budget, error_tolerance = (0.1, 0.02) if method == "fista" else (1e-3, 1e-3)
+    # fista's lam bisection and pursuit projections pass many near-ties, and a choice flipped
+    # in one block changes every later block's inputs: on 8 devices ~8% of its mask entries
+    # differ, so it is held to the same quality (summed layer error) rather than the same mask
+    flip_budget, error_tolerance = (0.15, 0.02) if method == "fista" else (1e-3, 1e-3)
     base = AutoModelForCausalLM.from_pretrained(root / f"{method}-mesh1", dtype=torch.float32)
     base = base.state_dict()
     total = sum(t.numel() for n, t in base.items() if "layers" in n)
