@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -157,6 +158,7 @@ def run_speed(path, ratio, shapes, reps, nsamples, threads):
                     "threads": num_threads,
                     "tokens_per_s": tps,
                     "speedup": tps["pruned"] / tps["dense"],
+                    "load_average": os.getloadavg()[0],
                     "parameters": params,
                 },
             )
@@ -170,6 +172,12 @@ def render(rows: list[dict]) -> str:
         "removes the same fraction of v/o channels in every kv head (remote-code export). "
         "Calibration: tinystories_calib.txt, seqlen 512, seed 0. ppl: seqlen 512; time: pruning "
         "only (includes jit compilation).",
+        "",
+        "Commands: `bench/structured.py --out bench/structured.json --models stories260K "
+        "--nsamples 128 --attention-ratios 0.3`; `--models stories-mini --nsamples 32 "
+        "--attention-ratios 0.3` (interrupted: only the rows below ran, on a machine shared with "
+        "other jobs); `--speed --models --nsamples` (speed only, on a quiet machine); then "
+        "`--results bench/RESULTS.md`. WikiText-2 is its first 128 windows, for time.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows if "model" in r):
@@ -197,8 +205,8 @@ def render(rows: list[dict]) -> str:
             "Forward speed in transformers, one run: stories-mini dense vs its fasp export at "
             f"{first['ratio']:.0%} MLP channels (stock `intermediate_size`; parameters "
             f"{first['parameters']['dense']:,} -> {first['parameters']['pruned']:,}); median of "
-            f"{first['reps']} interleaved forward passes on random ids. The 2-core machine was "
-            "shared with other jobs (load average 5-9) during the run.",
+            f"{first['reps']} interleaved forward passes on random ids; 1-minute load average "
+            f"{first.get('load_average', float('nan')):.1f} during the run.",
             "",
             "| torch threads | batch x seq | dense tok/s | pruned tok/s | speed-up |",
             "|---|---|---|---|---|",
