@@ -62,6 +62,7 @@ def _unit_scale(H: jax.Array) -> jax.Array:
         "standardize",
         "swaps",
         "refit_maxiter",
+        "pursuit_cg",
         "refit_tol",
         "start_competes",
     ),
@@ -81,6 +82,7 @@ def fista_prune(
     standardize: bool,
     swaps: int | None,
     refit_maxiter: int,
+    pursuit_cg: int,
     refit_tol: float,
     start_competes: bool,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
@@ -134,8 +136,10 @@ def fista_prune(
     def pursuit(carry, step_size):
         best, best_error, V = carry
         V = project_pattern(V - step_size * (V @ H_unit - C_unit), pattern)
-        # The refit solves the undamped least squares: the ridge only conditions the l1 path.
-        W, _ = refit(H_error, C, V != 0, V * scale[None, :], maxiter=refit_maxiter, tol=refit_tol)
+        # The refit solves the undamped least squares (the ridge only conditions the l1 path).
+        # Inside the search a few warm-started CG steps rank the masks; the kept answer is
+        # refit to tolerance at the end.
+        W, _ = refit(H_error, C, V != 0, V * scale[None, :], maxiter=pursuit_cg, tol=refit_tol)
         (best, best_error), error = keep_better(best, best_error, W)
         return (best, best_error, W / scale[None, :]), error
 
@@ -150,7 +154,9 @@ def fista_prune(
         pursuit, (best, best_error, problem_start / scale[None, :]), steps[1:]
     )
     stats["refit"] = jnp.concatenate([from_lasso, from_dense])
-    return best, jnp.sum(best_error), stats
+    # CG from the kept answer only lowers each row's objective, so this keeps it the best.
+    best, _ = refit(H_error, C, best != 0, best, maxiter=refit_maxiter, tol=refit_tol)
+    return best, jnp.sum(errors(best)), stats
 
 
 @register("fista", intra_block=True)
@@ -168,13 +174,15 @@ def fista(
     swaps: int = 10,
     step: float = 3.0,
     refit_tol: float = 1e-5,
+    pursuit_cg: int = 32,
     warm_start: str | None = None,
 ) -> LayerResult:
     """FISTAPruner: ``rounds`` bisections on ``lam`` of ``num_bisect`` FISTA solves each.
 
     ``maxiter`` / ``tol``: FISTA iterations per solve and its relative stopping tolerance.
     ``refit``: exact least squares on the mask, then ``swaps`` pursuit steps of length
-    ``step / L`` (``refit=False``: the paper's algorithm, the rounded lasso answer).
+    ``step / L`` (``refit=False``: the paper's algorithm, the rounded lasso answer), each
+    ranked after ``pursuit_cg`` warm-started CG steps; the kept mask is refit to ``refit_tol``.
     ``warm_start``: ``None`` (start at the dense weights), ``"sparsegpt"`` or ``"wanda"`` (start
     at, and compete with, that method's answer).
 
@@ -207,6 +215,7 @@ def fista(
         standardize=standardize,
         swaps=swaps if refit else None,
         refit_maxiter=problem.weight.shape[1],
+        pursuit_cg=pursuit_cg,
         refit_tol=refit_tol,
         # The dense start violates the pattern; only a warm start's pruned answer may win.
         start_competes=warm_start is not None,
