@@ -41,7 +41,13 @@ import numpy as np
 from flax import nnx
 
 from jprune import converters
-from jprune.engine import _batch_grams, plain, reconstruction_error
+from jprune.engine import (
+    Activations,
+    EngineOptions,
+    plain,
+    reconstruction_error,
+    stream_grams,
+)
 from jprune.errors import JpruneError
 from jprune.model import Block, CausalLM, apply_block, embed_tokens, named_arrays
 from jprune.solvers import refit_columns, select_columns, topk_mask
@@ -269,11 +275,8 @@ def _heads(spec, coupling: Coupling) -> int:
 
 
 def _grams(graphdef, state, batches, taps: tuple[str, ...]) -> dict[str, jax.Array]:
-    """``X X^T`` per tap, summed over the calibration batches (the engine's per-batch kernel)."""
-    total = None
-    for x in batches:
-        grams = _batch_grams(graphdef, taps, False, state, state, x, None)
-        total = grams if total is None else jax.tree.map(jnp.add, total, grams)
+    """``X X^T`` per tap, summed over the calibration batches by the engine's own loop."""
+    total = stream_grams(graphdef, taps, state, state, Activations(batches, EngineOptions()), None)
     return {tap: g["gram"] for tap, g in total.items()}
 
 

@@ -15,6 +15,7 @@ from ._continuation import (
 )
 from ._fista import LassoInfo, fista
 from ._lam_search import LamSearchInfo, lam_search
+from ._quadratic import lipschitz
 from ._sparsity import (
     NM,
     Pattern,
@@ -40,6 +41,7 @@ __all__ = [
     "box_qp",
     "fista",
     "lam_search",
+    "lipschitz",
     "penalty_continuation",
     "project_capped_simplex",
     "refit_columns",

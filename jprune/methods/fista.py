@@ -34,10 +34,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from jprune.errors import JpruneError
-from jprune.solvers import Pattern, Unstructured, check_pattern_fits, lam_search, project_pattern
-
-# The power iteration every solver uses for its 1/L step.
-from jprune.solvers._quadratic import lipschitz
+from jprune.solvers import (
+    Pattern,
+    Unstructured,
+    check_pattern_fits,
+    lam_search,
+    lipschitz,
+    project_pattern,
+)
 
 from .base import METHODS, LayerProblem, LayerResult, register
 from .optima import layer_quadratic, refit, row_errors
