@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jprune.engine import layer_memory_bytes
-from jprune.solvers import box_qp, fista
+from jprune.methods import LayerProblem, get_method
+from jprune.solvers import Unstructured, box_qp, fista
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Scaling"
@@ -234,6 +234,8 @@ def rss_probe(d: int, iters: int) -> dict:
     twice: the first run's growth includes XLA compiling the executables, the second's is the
     arrays and temporaries of the compiled run, the part the bound describes.
     """
+    from jprune.engine import layer_memory_bytes  # the engine needs flax; the 8B modes do not
+
     tokens = 16384
     x = jax.block_until_ready(activations(jax.random.key(1), tokens, d))
 
@@ -270,6 +272,8 @@ def measure_rss(d: int, iters: int) -> dict:
 
 
 def memory_table(rss: dict | None) -> list[str]:
+    from jprune.engine import layer_memory_bytes  # the engine needs flax; the 8B modes do not
+
     gib = 2.0**30
     act = CALIB_TOKENS * LLAMA3_8B_HIDDEN * 4
     lines = [
@@ -553,6 +557,137 @@ def run_llama3_8b(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- whole methods at 8B shapes
+
+# The distinct LLaMA-3-8B layer shapes and the roles that share each (q/o, k/v, gate/up, down).
+LLAMA3_8B_SHAPES = {
+    (4096, 4096): ("q", "o"),
+    (1024, 4096): ("k", "v"),
+    (14336, 4096): ("gate", "up"),
+    (4096, 14336): ("down",),
+}
+
+
+def method_problem(d_out: int, d_in: int, tokens: int, seed: int = 0) -> LayerProblem:
+    """A layer problem as the engine hands it over: a summed float32 Gram of ``tokens`` synthetic
+    activations (two decades of channel scales) and a dense weight of LLaMA-like magnitude."""
+    k_x, k_w = jax.random.split(jax.random.key(seed))
+    gram = accumulate(activations(k_x, tokens, d_in), 1)
+    weight = 0.02 * jax.random.normal(k_w, (d_out, d_in), jnp.float32)
+    return LayerProblem(jax.block_until_ready(weight), gram, None, tokens, f"{d_out}x{d_in}")
+
+
+def time_method(name: str, d_out: int, d_in: int, tokens: int, options: dict) -> dict:
+    """First call (compile + solve) and a second, warm call of one method on one layer shape."""
+    problem = method_problem(d_out, d_in, tokens)
+    method = get_method(name)
+    pattern = Unstructured(0.5)
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        result = method(problem, pattern, **options)
+        jax.block_until_ready(result.weight)
+        times.append(time.perf_counter() - start)
+    weight = np.asarray(result.weight)
+    kept = np.count_nonzero(weight) / weight.size
+    # Relative reconstruction error on the Gram: ||(W - W0) X||^2 / ||W0 X||^2.
+    delta = result.weight - problem.weight
+    err = float(
+        jnp.sum((delta @ problem.gram) * delta)
+        / jnp.sum((problem.weight @ problem.gram) * problem.weight)
+    )
+    return {
+        "method": name,
+        "d_out": d_out,
+        "d_in": d_in,
+        "first_s": times[0],
+        "warm_s": times[1],
+        "density": kept,
+        "rel_error": err,
+        "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float))},
+    }
+
+
+METHOD_OPTIONS = {"sparsegpt": {}, "fista": {}, "optima": {"mask_from": "wanda"}, "wanda": {}}
+
+
+def run_methods_8b(args) -> str:
+    """Whole layer methods (their defaults, 50% per row) on the 8B shapes, one JSON line each to
+    ``--json-out`` as it finishes, so a run cut short keeps what it measured."""
+    device = jax.devices()[0]
+    rows = []
+    if args.json_out and args.json_out.exists():
+        rows = [json.loads(line) for line in args.json_out.read_text().splitlines() if line]
+    done = {(r["method"], r["d_out"], r["d_in"]) for r in rows}
+    for name in args.methods:
+        for d_out, d_in in LLAMA3_8B_SHAPES:
+            if (name, d_out, d_in) in done:
+                continue
+            r = time_method(name, d_out, d_in, args.method_tokens, METHOD_OPTIONS[name])
+            r["precision"] = args.matmul_precision
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            if args.json_out:
+                with args.json_out.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+    gram_s = {
+        d: time_gram(args.calib_tokens, d, args.gram_batch, 1)["warm_s"]
+        for d in set(LLAMA3_8B_GRAM_DIMS)
+    }
+    grams_block = sum(gram_s[d] for d in LLAMA3_8B_GRAM_DIMS)
+    lines = [
+        f"### Whole methods at the LLaMA-3-8B layer shapes on {device.device_kind}",
+        "",
+        f"`bench/scaling.py` on {machine()}; matmul precision `{args.matmul_precision}`.",
+        "",
+        "```",
+        f"python bench/scaling.py {' '.join(sys.argv[1:])}",
+        "```",
+        "",
+        "Each method with its defaults at 50% unstructured per row on one synthetic layer problem "
+        f"(Gram summed over {args.method_tokens:,} synthetic tokens); first call includes "
+        "compilation, the warm call is a second call on the same shape (what every later block "
+        "costs). Error = ||(W - W0) X||^2 / ||W0 X||^2 on the synthetic Gram.",
+        "",
+        "| method | d_out x d_in | roles | first call (s) | warm (s) | density | rel. error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        roles = "/".join(LLAMA3_8B_SHAPES[(r["d_out"], r["d_in"])])
+        lines.append(
+            f"| {r['method']} | {r['d_out']} x {r['d_in']} | {roles} | {r['first_s']:.1f} | "
+            f"{r['warm_s']:.2f} | {r['density']:.4f} | {r['rel_error']:.4f} |"
+        )
+    lines += [
+        "",
+        f"Gram per block (four streams of {args.calib_tokens:,} tokens): {grams_block:.2f} s.",
+        "",
+        "| method | one block, warm (s) | whole model, 32 blocks (h) | published |",
+        "|---|---|---|---|",
+    ]
+    published = {
+        "fista": "FISTAPruner: ~12 h for 70B on an A100",
+        "optima": "OPTIMA: 40 h for 8B on an H100",
+        "sparsegpt": "SparseGPT: < 4.5 h for 175B on an A100",
+        "wanda": "",
+    }
+    for name in dict.fromkeys(r["method"] for r in rows):
+        by_shape = {(r["d_out"], r["d_in"]): r for r in rows if r["method"] == name}
+        if len(by_shape) < len(LLAMA3_8B_SHAPES):
+            continue
+        block = sum(len(roles) * by_shape[s]["warm_s"] for s, roles in LLAMA3_8B_SHAPES.items())
+        compile_once = sum(by_shape[s]["first_s"] - by_shape[s]["warm_s"] for s in LLAMA3_8B_SHAPES)
+        total = LLAMA3_8B_BLOCKS * (block + grams_block) + compile_once
+        lines.append(f"| {name} | {block:.1f} | {total / 3600:.2f} | {published[name]} |")
+    lines += [
+        "",
+        "Whole model = 32 x (the block's 7 layer solves + its Grams) + one compilation per shape; "
+        "it leaves out the forward passes (one block forward per calibration batch, a few "
+        "percent of a solve here) and the host I/O of loading and saving the checkpoint.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_section(results: Path, section: str, text: str) -> None:
     """Replace this benchmark's section of RESULTS.md (or append it); other sections stay."""
     current = results.read_text() if results.exists() else "# Benchmark results\n"
@@ -580,17 +715,41 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS)
     parser.add_argument("--rss-dim", type=int, default=2048, help="0: skip the RSS measurement")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak (llama3-8b)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted(METHOD_OPTIONS),
+        help="with --shapes llama3-8b: time these whole methods per layer instead of the solvers",
+    )
+    parser.add_argument(
+        "--method-tokens", type=int, default=16384, help="synthetic tokens in a method's Gram"
+    )
+    parser.add_argument("--json-out", type=Path, help="--methods: append one JSON line per layer")
+    parser.add_argument(
+        "--matmul-precision",
+        choices=("default", "tensorfloat32", "float32"),
+        default="default",
+        help="jax_default_matmul_precision (on GPUs 'default' lets float32 GEMMs use TF32)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sweeps for a smoke test")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     if args.rss_probe:
         print(json.dumps(rss_probe(args.rss_probe, args.iters)))
         return
     if args.quick:
         args.d_in, args.d_out, args.fixed = [128, 256, 512], [128, 256, 512], 256
         args.tokens, args.gram_batch, args.rss_dim, args.repeats = [4096, 8192], 4096, 512, 2
+    if args.methods:
+        if args.shapes != "llama3-8b":
+            parser.error("--methods needs --shapes llama3-8b")
+        text = run_methods_8b(args)
+        print(text)
+        return
     if args.shapes == "llama3-8b":
         if args.peak_tflops <= 0:
             parser.error("--shapes llama3-8b needs --peak-tflops (the device's float32 peak)")

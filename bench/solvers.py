@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -51,6 +52,17 @@ def timed(fn, *args, repeat=3):
         jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def gemm_per_iteration(H, C, n):
+    """Seconds per bare ``W @ H`` measured like a solver iteration: the difference of loops of
+    2n and n products, so dispatch (which dominates one small product on a GPU) cancels."""
+    scale = 1.0 / jnp.linalg.norm(H)  # keeps the iterates finite; one multiply per product
+
+    def loop(k):
+        return jax.jit(lambda H, C: jax.lax.fori_loop(0, k, lambda _, W: (W @ H) * scale, C))
+
+    return max(timed(loop(2 * n), H, C) - timed(loop(n), H, C), 0.0) / n
 
 
 def per_iteration(solve, H, C, n):
@@ -125,12 +137,17 @@ def jaxopt_box_run(H, C, lower, upper):
     return run
 
 
+def log(message):
+    print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def bench_shape(m, d, args):
     """One table row for an (m, d) problem."""
     H, C, keep = problem(m, d)
+    log(f"{m}x{d}: problem built")
     lam = 0.01 * float(jnp.abs(C).max())
     bound = jnp.where(keep, jnp.inf, 0.0)
-    gemm = timed(jax.jit(lambda W, H: W @ H), C, H)
+    gemm = gemm_per_iteration(H, C, args.iters)
 
     def lasso(H, C, k):
         return fista(H, C, lam, maxiter=k, tol=0.0)
@@ -139,6 +156,7 @@ def bench_shape(m, d, args):
         return lambda H, C, k: box_qp(H, C, -bound, bound, maxiter=k, tol=0.0, method=method)
 
     ratios = [per_iteration(s, H, C, args.iters) / gemm for s in (lasso, box("cg"), box("apg"))]
+    log(f"per-iteration ratios {ratios}")
 
     # Reference optima: run to a tight gradient tolerance, stopping early once every row is there.
     ref_l = fista(H, C, lam, maxiter=3000, tol=1e-6)[1]
@@ -146,9 +164,12 @@ def bench_shape(m, d, args):
     f_lasso, f_box = float(ref_l.objective.sum()), float(ref_b.objective.sum())
     target_lasso = f_lasso + args.rtol * abs(f_lasso)
     target_box = f_box + args.rtol * abs(f_box)
+    log("reference optima done")
     ours_l, it_l = time_to_target(ours_run(lasso, H, C), target_lasso, 10 * args.cap)
     ours_b, it_b = time_to_target(ours_run(box("cg"), H, C), target_box, 10 * args.cap)
+    log(f"ours to tolerance: {ours_l} s, {ours_b} s")
     jo_l, _ = time_to_target(jaxopt_lasso_run(H, C, lam), target_lasso, args.cap)
+    log(f"jaxopt lasso to tolerance: {jo_l} s")
     jo_b, _ = time_to_target(jaxopt_box_run(H, C, -bound, bound), target_box, args.cap)
 
     def fmt(x):
@@ -167,11 +188,22 @@ def main():
     parser.add_argument("--iters", type=int, default=20, help="iterations for per-iteration time")
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative objective tolerance")
     parser.add_argument("--cap", type=float, default=60.0, help="give up on jaxopt after (s)")
+    parser.add_argument(
+        "--matmul-precision",
+        choices=("default", "tensorfloat32", "float32"),
+        default="default",
+        help="jax_default_matmul_precision (on GPUs 'default' lets float32 GEMMs use TF32)",
+    )
     args = parser.parse_args()
+    if args.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     shapes = ["256x256"] if args.quick else args.shapes
     device = jax.devices()[0]
     print(f"platform: {platform.platform()}; cpu: {cpu_model()}")
-    print(f"jax {jax.__version__}, device: {device.platform} ({device.device_kind})")
+    print(
+        f"jax {jax.__version__}, device: {device.platform} ({device.device_kind}), "
+        f"matmul precision: {args.matmul_precision}"
+    )
     print(f"load average at start: {os.getloadavg()[0]:.1f} (timings are wall clock)")
     print(
         "| m x d | GEMM ms | fista it / GEMM | box_qp cg it / GEMM | box_qp apg it / GEMM "

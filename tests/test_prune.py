@@ -194,3 +194,28 @@ def test_unknown_method_and_existing_out_are_refused(assets, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(JpruneError, match="already exists"):
         jp.prune(STORIES260K, "wanda", sparsity=0.5, **SMALL, out=tmp_path / "exists")
+
+
+@pytest.mark.parametrize("precision", ["float32", "tensorfloat32"])
+def test_matmul_precision_is_in_force_during_the_run(assets, monkeypatch, precision):
+    # The precision policy (README): every GEMM of a run uses the requested precision, so a GPU
+    # never drops the Grams and solvers to TF32 unless asked. A spy method reads the setting.
+    import jax
+
+    from jprune.methods import base, magnitude
+
+    seen = []
+
+    def spy(problem, pattern):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return magnitude.magnitude(problem, pattern)
+
+    monkeypatch.setitem(base.METHODS, "spy", spy)
+    report = jp.prune(
+        STORIES260K, "spy", sparsity=0.5, **SMALL, evaluate_dense=False, matmul_precision=precision
+    )
+    assert seen and set(seen) == {precision}
+    assert report["settings"]["matmul_precision"] == precision
+    assert jax.config.jax_default_matmul_precision is None  # restored after the run
+    with pytest.raises(JpruneError, match="matmul precision 'bf16'"):
+        jp.prune(STORIES260K, "wanda", sparsity=0.5, **SMALL, matmul_precision="bf16")
