@@ -321,7 +321,7 @@ def projection_lines(per_iter: dict, gram_s: dict, label: str) -> list[str]:
     (``per_iter[solver][role]``: FISTA for the lasso, masked CG for the refits and OPTIMA) and
     per-Gram times by d_in (``gram_s``)."""
     lines = [
-        f"| layer | d_out x d_in | GFLOP / iteration | {label} s / iteration (fista, CG) | FISTAPruner "
+        f"| layer | d_out x d_in | GFLOP / iteration | {label} ms / iteration (fista, CG) | FISTAPruner "
         "lasso (390 it) h | + refits (<= 11 d_in it) h | OPTIMA CG (<= 4 d_in it) h |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -334,21 +334,21 @@ def projection_lines(per_iter: dict, gram_s: dict, label: str) -> list[str]:
         totals += [t, lasso, refits, optima]
         lines.append(
             f"| {role} | {d_out} x {d_in} | {2 * d_out * d_in * d_in / 1e9:,.0f} | "
-            f"{t:.2f}, {t_cg:.2f} | "
-            f"{lasso:.2f} | {refits:.1f} | {optima:.1f} |"
+            f"{1e3 * t:.3g}, {1e3 * t_cg:.3g} | "
+            f"{lasso:.3g} | {refits:.3g} | {optima:.3g} |"
         )
     grams = sum(gram_s[d] for d in LLAMA3_8B_GRAM_DIMS)
     n = LLAMA3_8B_BLOCKS
     lines += [
         f"| block (7 layers) | | {sum(2 * o * i * i for o, i in LLAMA3_8B.values()) / 1e9:,.0f} "
-        f"| {totals[0]:.1f} | {totals[1]:.1f} | {totals[2]:.0f} | {totals[3]:.0f} |",
+        f"| {1e3 * totals[0]:.3g} | {totals[1]:.3g} | {totals[2]:.3g} | {totals[3]:.3g} |",
         "",
         f"Whole model ({n} blocks): one iteration of every layer is "
         f"{n * sum(2 * o * i * i for o, i in LLAMA3_8B.values()) / 1e12:.0f} TFLOP, "
-        f"{n * totals[0] / 60:.0f} min here; "
-        f"FISTAPruner lasso stage {n * totals[1]:.0f} h plus refits up to "
-        f"{n * totals[2]:,.0f} h; OPTIMA up to {n * totals[3]:,.0f} h; the four Grams per block "
-        f"(128 x 2048 tokens, one stream) {n * grams / 3600:.1f} h (x3 for the intra-block "
+        f"{n * totals[0]:.3g} s here; "
+        f"FISTAPruner lasso stage {n * totals[1]:.3g} h plus refits up to "
+        f"{n * totals[2]:.3g} h; OPTIMA up to {n * totals[3]:.3g} h; the four Grams per block "
+        f"(128 x 2048 tokens, one stream) {n * grams / 3600:.3g} h (x3 for the intra-block "
         "cross and dense Grams). The CG columns are caps (maxiter); CG stops at its tolerance "
         "after a number of iterations set by the conditioning of H, not by d_in.",
     ]
