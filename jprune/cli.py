@@ -125,7 +125,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for text, ppl in report["perplexity"].items():
         print(f"perplexity on {text}: {ppl['before']:.4f} -> {ppl['after']:.4f}")
     if args.out:
-        print(f"wrote {args.out} (report.json inside)")
+        import jax
+
+        if jax.process_index() == 0:
+            print(f"wrote {args.out} (report.json inside)")
+        else:
+            print(
+                f"process {jax.process_index()} of {jax.process_count()}: "
+                f"{args.out} is written by process 0"
+            )
     return 0
 
 

@@ -166,3 +166,67 @@ def test_bfloat16_weights_keep_float32_grams(assets, tmp_path):
     assert ((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) == 2).all()
     # float32 Grams: the relative errors are small and finite, not bf16 noise
     assert all(0 < layer["relative_error"] < 1 for layer in report["layers"])
+
+
+def test_two_processes_prune_like_one_device(assets, tmp_path):
+    """Multi-host, on one machine: two processes of two CPU devices each join through
+    ``jax.distributed`` (gloo collectives), prune on the 4-device mesh they span, and only
+    process 0 writes; the result is one device's up to the data-parallel round-off."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    args = ["--model", str(STORIES260K), "--method", "sparsegpt", "--sparsity", "0.5"]
+    args += ["--calib", str(CALIB_TEXT), "--nsamples", "8", "--seqlen", "64", "--quiet"]
+    code = "import sys; from jprune.cli import main; sys.exit(main(sys.argv[1:]))"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, "prune", *args, "--distributed", "--mesh", "auto"]
+            + ["--out", str(out)],
+            env={
+                **os.environ,
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                "JAX_PLATFORMS": "cpu",
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JPRUNE_NUM_PROCESSES": "2",
+                "JPRUNE_PROCESS_ID": str(index),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for p, (_, stderr) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    assert f"wrote {out}" in outputs[0][0]
+    assert "process 1 of 2" in outputs[1][0] and "wrote" not in outputs[1][0]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["out"]  # no staging left behind
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["machine"]["processes"] == 2 and report["machine"]["mesh_devices"] == 4
+    single_out = tmp_path / "single"
+    single = jp.prune(
+        STORIES260K,
+        "sparsegpt",
+        sparsity=0.5,
+        calib=CALIB_TEXT,
+        nsamples=8,
+        seqlen=64,
+        out=single_out,
+    )
+    assert report["summary"]["relative_error_sum"] == pytest.approx(
+        single["summary"]["relative_error_sum"], rel=1e-3
+    )
+    spread = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    one = AutoModelForCausalLM.from_pretrained(single_out, dtype=torch.float32).state_dict()
+    linears = [n for n in one if "layers" in n and n.endswith("proj.weight")]
+    assert len(linears) == 5 * 7
+    for name in linears:  # exact 50% per row on both
+        d_in = one[name].shape[1]
+        assert ((spread[name] != 0).sum(1) == d_in - d_in // 2).all(), name
+    flips = sum(int(((one[n] != 0) != (spread[n] != 0)).sum()) for n in linears)
+    assert flips <= 1e-3 * sum(one[n].numel() for n in linears), flips
