@@ -19,7 +19,9 @@ Two knobs decide which activations a layer problem is built from:
   pass captures every linear's input from the block as it was (the SparseGPT / Wanda protocol).
 
 Only one block's activations are alive at a time: ``(nsamples, seqlen, hidden)`` for the pruned
-stream and, when needed, the dense stream.
+stream and, when needed, the dense stream. With ``intra_block``, each stream's attention output
+is kept too once q, k, v are pruned: attention is most of a block's forward cost and no later
+stage changes it, so the o, MLP and output passes start from it instead of rerunning attention.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from jprune.methods import LayerProblem, get_method
 from jprune.model import LINEAR_INPUTS, block_linear_names
 from jprune.sharding import pad_rows, replicate, shard_leading, to_host
 from jprune.solvers import Pattern, Unstructured, check_pattern_fits
+
+# The linears that feed attention: once they are final, a block's attention output is too.
+ATTENTION_LINEARS = frozenset(n for n, tap in LINEAR_INPUTS.items() if tap == "attn_in")
 
 
 @dataclass(frozen=True)
@@ -69,12 +74,28 @@ def embed_tokens_fn(graphdef, state, ids):
     return nnx.merge(graphdef, state).embed_tokens(ids)
 
 
+def _forward(graphdef, state, x, attention=None):
+    """The block's (output, taps), from its cached attention output when one is given."""
+    block = nnx.merge(graphdef, state)
+    return block(x) if attention is None else block.finish(x, attention)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _batch_grams(graphdef, taps: tuple[str, ...], with_dense: bool, state, dense_state, x, x_dense):
+def _batch_grams(
+    graphdef,
+    taps: tuple[str, ...],
+    with_dense: bool,
+    state,
+    dense_state,
+    x,
+    x_dense,
+    attention=None,
+    dense_attention=None,
+):
     """Per tap: ``Xp Xp^T`` and, with a dense stream, ``X Xp^T`` and ``X X^T`` for one batch."""
-    _, current = nnx.merge(graphdef, state)(x)
+    _, current = _forward(graphdef, state, x, attention)
     out = {}
-    dense = nnx.merge(graphdef, dense_state)(x_dense)[1] if with_dense else None
+    dense = _forward(graphdef, dense_state, x_dense, dense_attention)[1] if with_dense else None
     for tap in taps:
         xp = current[tap].reshape(-1, current[tap].shape[-1])
         grams = {"gram": xp.T @ xp}
@@ -101,22 +122,40 @@ class Activations:
         for batch in self.batches:
             yield shard_leading(batch, self.options.mesh) if self.on_host else batch
 
-    def map(self, fn) -> Activations:
-        return Activations([fn(batch) for batch in self], self.options)
+    def map(self, fn, *others: Activations) -> Activations:
+        """``fn`` over this stream's batches, zipped with the batches of ``others``."""
+        return Activations(
+            [fn(*batches) for batches in zip(self, *others, strict=True)], self.options
+        )
 
     @property
     def nbytes(self) -> int:
         return sum(int(np.prod(b.shape)) * b.dtype.itemsize for b in self.batches)
 
 
-def stream_grams(graphdef, taps, state, dense_state, x: Activations, x_dense: Activations | None):
-    """Sum the per-batch Grams over all calibration windows (float32)."""
+def stream_grams(
+    graphdef,
+    taps,
+    state,
+    dense_state,
+    x: Activations,
+    x_dense: Activations | None,
+    attention: Activations | None = None,
+    dense_attention: Activations | None = None,
+):
+    """Sum the per-batch Grams over all calibration windows (float32).
+
+    ``attention`` / ``dense_attention``: the streams' cached attention outputs, if any.
+    """
     total = None
     with_dense = x_dense is not None
-    dense_batches = iter(x_dense) if with_dense else None
-    for batch in x:
-        xd = next(dense_batches) if with_dense else None
-        grams = _batch_grams(graphdef, tuple(taps), with_dense, state, dense_state, batch, xd)
+    absent = [None] * len(x.batches)
+    others = [absent if s is None else s for s in (x_dense, attention, dense_attention)]
+    batches = zip(x, *others, strict=True)
+    for batch, xd, att, att_dense in batches:
+        grams = _batch_grams(
+            graphdef, tuple(taps), with_dense, state, dense_state, batch, xd, att, att_dense
+        )
         total = grams if total is None else jax.tree.map(jnp.add, total, grams)
     return total
 
@@ -140,8 +179,19 @@ def block_outputs(graphdef, state, x, batch_size):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _block_outputs(graphdef, state, x):
-    return nnx.merge(graphdef, state)(x)[0]
+def _block_outputs(graphdef, state, x, attention=None):
+    return _forward(graphdef, state, x, attention)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attend(graphdef, state, x):
+    return nnx.merge(graphdef, state).attend(x)
+
+
+def _block_pass(fn, graphdef, state, x: Activations, attention: Activations | None):
+    """``fn(graphdef, state, batch[, attention batch])`` over a stream."""
+    fn = functools.partial(fn, graphdef, state)
+    return x.map(fn) if attention is None else x.map(fn, attention)
 
 
 # ---------------------------------------------------------------- layer accounting
@@ -215,7 +265,8 @@ def _solve_layer(layer_method, problem: LayerProblem, pattern: Pattern, options:
 def layer_memory_bytes(d_out: int, d_in: int, num_grams: int, activation_bytes: int) -> int:
     """What must fit at once for one layer problem (the documented bound, float32):
     the weight and its pruned copy plus solver state (~4 more (d_out, d_in) arrays), the
-    layer's Grams, and the calibration activations of one block (one or two streams)."""
+    layer's Grams, and the calibration activations of one block (one or two streams, and with
+    intra-block stages their cached attention outputs)."""
     return 4 * (6 * d_out * d_in + num_grams * d_in * d_in) + activation_bytes
 
 
@@ -265,13 +316,28 @@ def prune_blocks(
         # Parallel-block mode: this block sees the dense model's input.
         x_in = x if options.sequential else x_dense
         streams = 2 if options.intra_block or not options.sequential else 1
+        attention = dense_attention = None
+        pruned = set()
         for stage in block_stages(spec, options.intra_block):
             if progress is not None:
                 progress(f"block {index}: {','.join(stage)}", index, spec.num_layers)
+            if options.intra_block and attention is None and ATTENTION_LINEARS <= pruned:
+                attention = _block_pass(_attend, graphdef, state, x_in, None)
+                dense_attention = _block_pass(_attend, graphdef, dense_state, x_dense, None)
+            pruned.update(stage)
             taps = sorted({LINEAR_INPUTS[n] for n in stage})
             grams = stream_grams(
-                graphdef, taps, state, dense_state, x_in, x_dense if options.intra_block else None
+                graphdef,
+                taps,
+                state,
+                dense_state,
+                x_in,
+                x_dense if options.intra_block else None,
+                attention,
+                dense_attention,
             )
+            cached = (a.nbytes for a in (attention, dense_attention) if a is not None)
+            held = streams * x.nbytes + sum(cached)
             for role in stage:
                 tap = grams[LINEAR_INPUTS[role]]
                 weight0 = _get_linear_weight(dense_state, role)
@@ -305,9 +371,7 @@ def prune_blocks(
                         "relative_error": float(error / jnp.maximum(reference, 1e-30)),
                         "seconds": seconds,
                         "memory": {
-                            "bound_bytes": layer_memory_bytes(
-                                d_out, d_in, len(tap), streams * x.nbytes
-                            ),
+                            "bound_bytes": layer_memory_bytes(d_out, d_in, len(tap), held),
                             "device_peak_bytes": _device_peak_bytes(),
                         },
                         "info": plain(info),
@@ -315,9 +379,9 @@ def prune_blocks(
                 )
         nnx.update(block, jax.tree.map(lambda a: jnp.asarray(to_host(a)), state))
         if use_dense:
-            x_dense = x_dense.map(functools.partial(_block_outputs, graphdef, dense_state))
+            x_dense = _block_pass(_block_outputs, graphdef, dense_state, x_dense, dense_attention)
         if options.sequential:
-            x = x_in.map(functools.partial(_block_outputs, graphdef, state))
+            x = _block_pass(_block_outputs, graphdef, state, x_in, attention)
         else:
             x = x_dense
     if progress is not None:

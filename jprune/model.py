@@ -178,9 +178,21 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Block output and the inputs of its linears (see ``LINEAR_INPUTS``)."""
+        return self.finish(x, self.attend(x))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """The attention output of block input ``x``: the input of ``o`` (tap ``o_in``)."""
+        return self._attention(self.attn_norm(x) if self.spec.norm_before else x)
+
+    def finish(self, x: jax.Array, o_in: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``__call__`` given the attention output ``o_in = attend(x)``.
+
+        Attention is most of a block's forward cost and depends only on ``q``, ``k``, ``v``:
+        the engine computes it once per block and reruns only this part as ``o`` and the MLP
+        change.
+        """
         pre_norm = self.spec.norm_before
         attn_in = self.attn_norm(x) if pre_norm else x
-        o_in = self._attention(attn_in)
         x = x + self.o(o_in)
         if not pre_norm:
             x = self.attn_norm(x)

@@ -119,6 +119,26 @@ def test_engine_modes_differ_and_all_reach_the_target(assets):
     assert errors["intra"][3:] != pytest.approx(errors["sequential"][3:], rel=1e-3)
 
 
+def test_intra_block_stages_from_the_cached_attention_see_the_same_inputs(assets, monkeypatch):
+    """Once q, k, v are pruned the engine reuses each stream's attention output; rerunning
+    attention for every stage (the cache disabled) gives the same layer problems."""
+    import jprune.engine as engine
+
+    def run():
+        report = jp.prune(STORIES260K, "sparsegpt", sparsity=0.5, **SMALL, intra_block=True)
+        return report["layers"]
+
+    cached = run()
+    monkeypatch.setattr(engine, "ATTENTION_LINEARS", frozenset({"never pruned"}))
+    rerun = run()
+    errors = [[layer["relative_error"] for layer in r] for r in (cached, rerun)]
+    assert errors[0] == pytest.approx(errors[1], rel=1e-4)
+    # the o stage onwards holds the two cached attention streams
+    bound = [[layer["memory"]["bound_bytes"] for layer in r] for r in (cached, rerun)]
+    assert bound[0][:3] == bound[1][:3]
+    assert all(a > b for a, b in zip(bound[0][3:7], bound[1][3:7], strict=True))
+
+
 def test_prunes_opt_with_biases(zoo, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
