@@ -8,7 +8,9 @@ perplexity on the TinyStories eval text and WikiText-2 (seqlen 512), pruning tim
 30%-MLP fasp export of stories-mini against the dense checkpoint, both loaded by
 ``transformers.AutoModelForCausalLM`` in this process, forward passes interleaved, median.
 Rows are appended to the JSON as they finish, so an interrupted run keeps what it measured;
-``--results`` rewrites only the ``## Structured pruning`` section of RESULTS.md from the JSON.
+``--resume`` skips the (model, nsamples, scope, ratio, method) rows the JSON already holds, and
+``--methods`` limits the run to some methods. ``--results`` rewrites only the
+``## Structured pruning`` section of RESULTS.md from the JSON.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ def _append(path: Path, row: dict) -> None:
     path.write_text(json.dumps([*rows, row], indent=1) + "\n")
 
 
-def run_quality(model_name, path, nsamples, seqlen, attention_ratios, wiki_windows, batch):
+def _key(row: dict) -> tuple:
+    return (row["model"], row["nsamples"], row["attention"], row["ratio"], row["method"])
+
+
+def run_quality(
+    model_name, path, nsamples, seqlen, attention_ratios, wiki_windows, batch, methods, resume
+):
     from jprune.converters.hf import load_model
     from jprune.data import calibration_windows, read_text, tokenize
     from jprune.evaluate import perplexity
@@ -64,22 +72,28 @@ def run_quality(model_name, path, nsamples, seqlen, attention_ratios, wiki_windo
     )
     common = {"model": model_name, "nsamples": nsamples, "seqlen": seqlen}
     common["eval_windows"] = {k: int(v.shape[0]) for k, v in evals.items()}
-    dense = {k: perplexity(net, w, batch_size=batch).perplexity for k, w in evals.items()}
-    _append(
-        path,
-        {
-            **common,
-            "method": "dense",
-            "ratio": 0.0,
-            "attention": False,
-            "ppl": dense,
-            "parameters": parameter_count(net),
-            "seconds": 0.0,
-        },
-    )
+    done = set()
+    if resume and path.exists():
+        done = {_key(r) for r in json.loads(path.read_text()) if "model" in r}
+    if (model_name, nsamples, False, 0.0, "dense") not in done:
+        dense = {k: perplexity(net, w, batch_size=batch).perplexity for k, w in evals.items()}
+        _append(
+            path,
+            {
+                **common,
+                "method": "dense",
+                "ratio": 0.0,
+                "attention": False,
+                "ppl": dense,
+                "parameters": parameter_count(net),
+                "seconds": 0.0,
+            },
+        )
     for attention in (False, True):
         for ratio in RATIOS if not attention else attention_ratios:
-            for method in METHODS:
+            for method in methods:
+                if (model_name, nsamples, attention, ratio, method) in done:
+                    continue
                 started = time.perf_counter()
                 result = prune_structured(
                     net,
@@ -174,14 +188,28 @@ def render(rows: list[dict]) -> str:
         "only (includes jit compilation).",
         "",
         "Commands: `bench/structured.py --out bench/structured.json --models stories260K "
-        "--nsamples 128 --attention-ratios 0.3`; `--models stories-mini --nsamples 32 "
-        "--attention-ratios 0.3` (interrupted: only the rows below ran, on a machine shared with "
-        "other jobs); `--speed --models --nsamples` (speed only, on a quiet machine); then "
-        "`--results bench/RESULTS.md`. WikiText-2 is its first 128 windows, for time.",
+        "--nsamples 128 --attention-ratios 0.3` (the first run); after the spap swap search, its "
+        "spap rows were deleted and `bench/structured.py --out bench/structured.json --models "
+        "stories260K stories-mini --nsamples 128 128 --resume` added every missing row; "
+        "`--speed --models --nsamples` (speed only, on a quiet machine); then `--results "
+        "bench/RESULTS.md`. WikiText-2 is its first 128 windows, for time. The `--resume` run "
+        "shared the 2 cores with other jobs (1-minute load average 5-8): compare times within a "
+        "table only roughly.",
+        "",
+        "spap is the penalty continuation of SPAP, then an exact best-improvement single-swap "
+        "search on the layer's restoration objective, started from the better of the "
+        "continuation's and the column score's selections (`jprune/structured.py`): on every "
+        "layer's objective it is never worse than fasp's selection, which bounds layer errors, "
+        "not perplexity. Targets: spap at or below fasp perplexity at every ratio, and fasp "
+        "below wanda-sp; the lines under each table say where they hold.",
         "",
     ]
+    order = {m: i for i, m in enumerate(("dense", *METHODS))}
     for model in dict.fromkeys(r["model"] for r in rows if "model" in r):
-        mine = [r for r in rows if r.get("model") == model]
+        mine = sorted(
+            (r for r in rows if r.get("model") == model),
+            key=lambda r: (r["attention"], r["ratio"], order[r["method"]]),
+        )
         first = mine[0]
         lines += [
             f"### {model} ({first['nsamples']} calibration windows; WikiText-2: first "
@@ -197,7 +225,7 @@ def render(rows: list[dict]) -> str:
                 f"| {scope} | {r['ratio']:.0%} | {r['method']} | {r['ppl']['tinystories']:.3f} | "
                 f"{r['ppl']['wikitext2']:.2f} | {r['parameters']:,} | {r['seconds']:.1f} |"
             )
-        lines.append("")
+        lines += ["", *_versus(mine, "spap", "fasp"), *_versus(mine, "fasp", "wanda-sp"), ""]
     speed = [r for r in rows if r.get("speed")]
     if speed:
         first = speed[0]
@@ -219,6 +247,27 @@ def render(rows: list[dict]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _versus(rows: list[dict], method: str, other: str) -> list[str]:
+    """Where ``method``'s perplexity is at or below ``other``'s, per eval text."""
+    pairs = {}
+    for r in rows:
+        if r["method"] in (method, other):
+            pairs.setdefault((r["attention"], r["ratio"]), {})[r["method"]] = r["ppl"]
+    pairs = {k: v for k, v in pairs.items() if len(v) == 2}
+    lines = []
+    for text, label in (("tinystories", "TinyStories"), ("wikitext2", "WikiText-2")):
+        missed = [
+            f"{'MLP+attn' if attention else 'MLP'} {ratio:.0%} "
+            f"({v[method][text]:.3f} vs {v[other][text]:.3f})"
+            for (attention, ratio), v in sorted(pairs.items())
+            if v[method][text] > v[other][text]
+        ]
+        held = len(pairs) - len(missed)
+        line = f"- {method} <= {other} on {label}: {held} of {len(pairs)} settings"
+        lines.append(line + (f"; not at {', '.join(missed)}." if missed else "."))
+    return lines
 
 
 def write_section(results: Path, text: str) -> None:
@@ -243,6 +292,8 @@ def main() -> None:
     parser.add_argument("--attention-ratios", type=float, nargs="*", default=list(RATIOS))
     parser.add_argument("--speed", action="store_true", help="measure the forward speed first")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--resume", action="store_true", help="skip rows --out already holds")
     args = parser.parse_args()
     if args.results is None:
         if args.speed:
@@ -250,7 +301,15 @@ def main() -> None:
             run_speed(args.out, 0.3, shapes, reps=10, nsamples=32, threads=(1, 2))
         for model, nsamples in zip(args.models, args.nsamples, strict=True):
             run_quality(
-                model, args.out, nsamples, 512, args.attention_ratios, args.wiki_windows, args.batch
+                model,
+                args.out,
+                nsamples,
+                512,
+                args.attention_ratios,
+                args.wiki_windows,
+                args.batch,
+                args.methods,
+                args.resume,
             )
     else:
         write_section(args.results, render(json.loads(args.out.read_text())))
