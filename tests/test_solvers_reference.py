@@ -21,6 +21,7 @@ from jprune.solvers import (
     refit_columns,
     select_columns,
     sparse_least_squares,
+    topk_mask,
 )
 
 
@@ -243,3 +244,37 @@ def test_sparse_least_squares_against_exhaustive_search(pattern):
     # Penalty decomposition is local; on these correlated problems it lands within a few x of
     # the row optimum (recorded mean ~4) and does not beat Wanda + refit. Guard the band.
     assert ours.max() < 15 and ours.mean() < 2 * baseline.mean(), (ours, baseline)
+
+
+def _reference_keep(scores, k):
+    """NumPy: per row, the ``k`` largest by a stable descending sort (ties: lower index)."""
+    keep = np.zeros(scores.shape, bool)
+    counts = np.broadcast_to(k, scores.shape[:1])
+    for i, (row, count) in enumerate(zip(scores, counts, strict=True)):
+        order = np.argsort(-row.astype(np.float64), kind="stable")
+        keep[i, order[:count]] = True
+    return keep
+
+
+def test_projections_match_a_stable_sort_with_ties_signed_zeros_and_infinities():
+    """``topk_mask`` / ``keep_mask`` select exactly what a stable descending sort does."""
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.standard_normal((6, 32)) * 2) / 2  # many exact ties
+    scores[0, :12] = 0.0
+    scores[1, ::3] = -0.0
+    scores[2, :4] = [np.inf, -np.inf, np.inf, 0.0]
+    scores = scores.astype(np.float32)
+    for k in (0, 1, 7, 16, 31, 32):
+        got = np.asarray(jax.jit(topk_mask, static_argnums=1)(jnp.asarray(scores), k))
+        np.testing.assert_array_equal(got, _reference_keep(scores, k))
+    per_row = rng.integers(0, 33, (6, 1))
+    got = np.asarray(jax.jit(topk_mask)(jnp.asarray(scores), jnp.asarray(per_row)))
+    np.testing.assert_array_equal(got, _reference_keep(scores, per_row[:, 0]))
+    for n, m in ((2, 4), (3, 8), (5, 32)):  # pairwise ranking, and ``topk_mask`` for m > 16
+        got = np.asarray(keep_mask(jnp.asarray(scores), NM(n, m)))
+        groups = scores.reshape(-1, m)
+        np.testing.assert_array_equal(got, _reference_keep(groups, n).reshape(scores.shape))
+    got = np.asarray(keep_mask(jnp.asarray(scores), Unstructured(0.6, "matrix")))
+    flat = scores.reshape(1, -1)
+    expected = _reference_keep(flat, flat.size - int(0.6 * flat.size)).reshape(scores.shape)
+    np.testing.assert_array_equal(got, expected)
