@@ -42,7 +42,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 import numpy as np
 from flax import nnx
 
@@ -57,6 +56,7 @@ from jprune.engine import (
 from jprune.errors import JpruneError
 from jprune.model import Block, CausalLM, apply_block, embed_tokens, named_arrays
 from jprune.solvers import refit_columns, select_columns, topk_mask
+from jprune.solvers import swap_columns as solver_swap_columns
 
 STRUCTURED_METHODS = ("fasp", "spap", "wanda-sp")
 
@@ -219,11 +219,6 @@ def restore(W2, gram, keep, damp: float):
     return jnp.where(keep, W2 + correction, 0)
 
 
-class SwapInfo(NamedTuple):
-    swaps: jax.Array  # () int32, swaps made
-    local_minimum: jax.Array  # () bool: no single swap lowers the objective
-
-
 @functools.partial(jax.jit, static_argnames=("damp",))
 def restoration_objective(W2, gram, keep, damp: float) -> jax.Array:
     """``min_D ||(W2_K + D) X_K - W2 X||^2 + lam ||D||^2``, the value ``restore`` attains."""
@@ -232,68 +227,27 @@ def restoration_objective(W2, gram, keep, damp: float) -> jax.Array:
     return jnp.sum((delta @ gram) * delta) + lam * jnp.sum(jnp.where(keep, delta, 0) ** 2)
 
 
-class _SwapState(NamedTuple):
-    kept: jax.Array  # (n - k,) int32 column indices
-    pruned: jax.Array  # (k,) int32
-    swaps: jax.Array  # () int32
-    done: jax.Array  # () bool: no improving swap left
-
-
 @functools.partial(jax.jit, static_argnames=("k", "damp", "max_swaps", "rtol"))
 def swap_columns(W2, gram, keep, k: int, damp: float, max_swaps: int, rtol: float = 1e-6):
-    """Best-improvement single-swap search over which ``k`` columns of ``W2`` are pruned.
+    """Best-improvement single swaps (``solvers.swap_columns``) on the restoration objective.
 
-    The objective is the restoration's own: with ``M = G + lam I`` and ``C = W2 M``,
+    With ``M = G + lam I`` and ``C = W2 M`` the restoration's value is
     ``F(K) = ||W2 X||^2 + lam sum_{j in K} ||W2_:j||^2 - tr(C_K M_KK^-1 C_K^T)``, equal to
-    ``restoration_objective``. Every swap (a pruned column ``p`` back in, a kept column ``j``
-    out) is scored exactly at once: adding ``p`` borders ``M_KK^-1`` (Schur complement
-    ``s_p = M_pp - M_pK U_p`` with ``U = M_KK^-1 M_KP``; residual ``e_p = C_p - A M_Kp`` with
-    ``A = C_K M_KK^-1``; gain ``||e_p||^2 / s_p``), and removing ``j`` from ``K + p`` costs the
-    OBS amount ``||A'_j||^2 / (M^-1)'_jj`` with ``A'_j = A_j - e_p U_jp / s_p`` and
-    ``(M^-1)'_jj = (M_KK^-1)_jj + U_jp^2 / s_p``: a few GEMMs against the ``(|K|, k)`` block
-    per step. The best swap is made while it lowers ``F`` by more than ``rtol ||W2 X||^2``, at
-    most ``max_swaps`` times: the result is never worse than the start ``keep`` (which must
-    prune exactly ``k`` columns) and, unless ``max_swaps`` ran out, no single swap improves it.
-    Returns the kept mask and a :class:`SwapInfo`.
+    ``restoration_objective``: the solver's objective with the column cost
+    ``lam ||W2_:j||^2``. Swaps are made while one lowers ``F`` by more than
+    ``rtol ||W2 X||^2``, at most ``max_swaps`` times; ``keep`` must prune exactly ``k``.
     """
-    n = keep.shape[0]
-    if k == 0:
-        return keep, SwapInfo(jnp.zeros((), jnp.int32), jnp.ones((), bool))
     M = _damped(gram, damp)
     lam = damp * jnp.mean(jnp.diagonal(gram))
-    C = W2 @ M
-    norms = jnp.sum(W2 * W2, axis=0)
-    threshold = rtol * jnp.sum((W2 @ gram) * W2)
-    order = jnp.argsort(~keep, stable=True).astype(jnp.int32)  # kept first, in index order
-    init = _SwapState(order[: n - k], order[n - k :], jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-
-    def step(state: _SwapState) -> _SwapState:
-        K, P = state.kept, state.pruned
-        M_KK = M[K][:, K]
-        Q = jsl.cho_solve(jsl.cho_factor(M_KK), jnp.eye(n - k, dtype=M.dtype))
-        A = C[:, K] @ Q
-        M_KP = M[K][:, P]
-        U = Q @ M_KP
-        schur = jnp.diagonal(M)[P] - jnp.sum(M_KP * U, axis=0)
-        E = C[:, P] - A @ M_KP
-        e2 = jnp.sum(E * E, axis=0)
-        removal = (
-            jnp.sum(A * A, axis=0)[:, None] - 2 * U * (A.T @ E) / schur + U**2 * e2 / schur**2
-        ) / (jnp.diagonal(Q)[:, None] + U**2 / schur)
-        change = lam * (norms[P][None, :] - norms[K][:, None]) - e2 / schur + removal
-        best = jnp.argmin(change)
-        j, p = best // k, best % k
-        improves = change.reshape(-1)[best] < -threshold
-        K_new = K.at[j].set(jnp.where(improves, P[p], K[j]))
-        P_new = P.at[p].set(jnp.where(improves, K[j], P[p]))
-        return _SwapState(K_new, P_new, state.swaps + improves, ~improves)
-
-    def more(state: _SwapState) -> jax.Array:
-        return ~state.done & (state.swaps < max_swaps)
-
-    final = jax.lax.while_loop(more, step, init)
-    kept = jnp.zeros(n, bool).at[final.kept].set(True)
-    return kept, SwapInfo(final.swaps, final.done)
+    return solver_swap_columns(
+        M,
+        W2 @ M,
+        keep,
+        k,
+        column_cost=lam * jnp.sum(W2 * W2, axis=0),
+        min_decrease=rtol * jnp.sum((W2 @ gram) * W2),
+        max_swaps=max_swaps,
+    )
 
 
 def _keep_top(scores, groups: int, removed: int) -> jax.Array:
@@ -314,6 +268,7 @@ def _select(method, spec, coupling, weights, grams, groups, width, removed, opti
             damped,
             W2 @ damped,
             removed,
+            swaps=0,  # the swaps below search the restoration's own (ridge) objective
             num_stages=options.num_stages,
             growth=options.growth,
             rho0=options.rho0,

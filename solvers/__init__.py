@@ -7,11 +7,13 @@ Every problem has rows ``w_i`` of ``W`` (m, d) sharing one PSD ``H`` (d, d):
 from ._box_qp import BoxQPInfo, box_qp
 from ._continuation import (
     ContinuationInfo,
+    SwapInfo,
     penalty_continuation,
     project_capped_simplex,
     refit_columns,
     select_columns,
     sparse_least_squares,
+    swap_columns,
 )
 from ._fista import LassoInfo, fista
 from ._lam_search import LamSearchInfo, lam_search
@@ -46,6 +48,8 @@ __all__ = [
     "project_capped_simplex",
     "refit_columns",
     "select_columns",
+    "swap_columns",
+    "SwapInfo",
     "sparse_least_squares",
     "Pattern",
     "Unstructured",
