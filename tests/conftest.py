@@ -1,3 +1,4 @@
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,36 @@ EVAL_TEXT = ASSETS / "text" / "tinystories_eval.txt"
 WIKITEXT = ASSETS / "text" / "wikitext2_raw_test.txt"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def decoder_linears(model):
+    for name, param in model.state_dict().items():
+        if name.endswith(".weight") and any(f".{n}." in name for n in DECODER_LINEARS):
+            yield name, param
+
+
+def assert_exact_pattern(path, sparsity=None, nm=None):
+    """Reload ``path`` in transformers and check every decoder linear of stories260K (5 blocks)
+    holds exactly the pattern: ``d_in - floor(sparsity d_in)`` nonzeros per row, or n of m."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    count = 0
+    for name, weight in decoder_linears(model):
+        nonzero = (weight != 0).numpy()
+        d_in = weight.shape[1]
+        if nm is not None:
+            n, m = nm
+            per_group = nonzero.reshape(weight.shape[0], d_in // m, m).sum(-1)
+            assert (per_group == n).all(), name
+        else:
+            assert (nonzero.sum(1) == d_in - math.floor(sparsity * d_in)).all(), name
+        count += 1
+    assert count == 5 * 7
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -15,33 +15,9 @@ from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
 from jprune.errors import JpruneError
 from jprune.solvers import num_pruned, parse_pattern
 
-from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K
+from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K, assert_exact_pattern
 
 SMALL = dict(calib=CALIB_TEXT, nsamples=8, seqlen=128, seed=0)
-DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _decoder_linears(model):
-    for name, param in model.state_dict().items():
-        if name.endswith(".weight") and any(f".{n}." in name for n in DECODER_LINEARS):
-            yield name, param
-
-
-def _assert_exact_pattern(path, sparsity=None, nm=None):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    count = 0
-    for name, weight in _decoder_linears(model):
-        nonzero = (weight != 0).numpy()
-        d_in = weight.shape[1]
-        if nm is not None:
-            n, m = nm
-            per_group = nonzero.reshape(weight.shape[0], d_in // m, m).sum(-1)
-            assert (per_group == n).all(), name
-        else:
-            assert (nonzero.sum(1) == d_in - math.floor(sparsity * d_in)).all(), name
-        count += 1
-    assert count == 5 * 7
-    return model
 
 
 def _transformers_perplexity(model, text, seqlen):
@@ -68,7 +44,7 @@ def test_exact_sparsity_after_reload(assets, tmp_path, method, target):
     out = tmp_path / "pruned"
     report = jp.prune(STORIES260K, method, **target, **SMALL, out=out)
     nm = tuple(int(v) for v in target["pattern"].split(":")) if "pattern" in target else None
-    _assert_exact_pattern(out, sparsity=target.get("sparsity"), nm=nm)
+    assert_exact_pattern(out, sparsity=target.get("sparsity"), nm=nm)
     written = json.loads((out / "report.json").read_text())
     assert written["method"] == method and len(written["layers"]) == 35
     assert all(layer["relative_error"] > 0 for layer in written["layers"])

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import jprune.prune as jp
 from jprune.sharding import make_mesh, pad_rows
 
-from conftest import CALIB_TEXT, STORIES260K
+from conftest import CALIB_TEXT, STORIES260K, assert_exact_pattern, decoder_linears
 
 SCRIPT = textwrap.dedent(
     """
@@ -221,12 +221,7 @@ def test_two_processes_prune_like_one_device(assets, tmp_path):
     assert report["summary"]["relative_error_sum"] == pytest.approx(
         single["summary"]["relative_error_sum"], rel=1e-3
     )
-    spread = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
-    one = AutoModelForCausalLM.from_pretrained(single_out, dtype=torch.float32).state_dict()
-    linears = [n for n in one if "layers" in n and n.endswith("proj.weight")]
-    assert len(linears) == 5 * 7
-    for name in linears:  # exact 50% per row on both
-        d_in = one[name].shape[1]
-        assert ((spread[name] != 0).sum(1) == d_in - d_in // 2).all(), name
-    flips = sum(int(((one[n] != 0) != (spread[n] != 0)).sum()) for n in linears)
-    assert flips <= 1e-3 * sum(one[n].numel() for n in linears), flips
+    spread = dict(decoder_linears(assert_exact_pattern(out, sparsity=0.5)))
+    one = dict(decoder_linears(assert_exact_pattern(single_out, sparsity=0.5)))
+    flips = sum(int(((one[n] != 0) != (spread[n] != 0)).sum()) for n in one)
+    assert flips <= 1e-3 * sum(t.numel() for t in one.values()), flips
