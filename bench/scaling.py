@@ -590,12 +590,13 @@ def time_method(name: str, d_out: int, d_in: int, tokens: int, options: dict) ->
         times.append(time.perf_counter() - start)
     weight = np.asarray(result.weight)
     kept = np.count_nonzero(weight) / weight.size
-    # Relative reconstruction error on the Gram: ||(W - W0) X||^2 / ||W0 X||^2.
-    delta = result.weight - problem.weight
-    err = float(
-        jnp.sum((delta @ problem.gram) * delta)
-        / jnp.sum((problem.weight @ problem.gram) * problem.weight)
+    # The report's relative error, ||(W - W0) X||^2 / ||W0 X||^2, by the engine's own formula.
+    from jprune.engine import reconstruction_error
+
+    error, reference = reconstruction_error(
+        result.weight, problem.weight, problem.gram, None, problem.gram
     )
+    err = float(error / reference)
     return {
         "method": name,
         "d_out": d_out,
