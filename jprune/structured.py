@@ -204,8 +204,13 @@ def _row_scores(W1, gram):
     return jnp.abs(W1) @ jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
 
 
+def _ridge_weight(gram, damp):
+    """The restoration's ridge ``lam``: ``damp`` times the mean input energy."""
+    return damp * jnp.mean(jnp.diagonal(gram))
+
+
 def _damped(gram, damp):
-    return gram + damp * jnp.mean(jnp.diagonal(gram)) * jnp.eye(gram.shape[0], dtype=gram.dtype)
+    return gram + _ridge_weight(gram, damp) * jnp.eye(gram.shape[0], dtype=gram.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("damp",))
@@ -223,7 +228,7 @@ def restore(W2, gram, keep, damp: float):
 def restoration_objective(W2, gram, keep, damp: float) -> jax.Array:
     """``min_D ||(W2_K + D) X_K - W2 X||^2 + lam ||D||^2``, the value ``restore`` attains."""
     delta = restore(W2, gram, keep, damp) - W2  # D on the kept columns, -W2 on the pruned
-    lam = damp * jnp.mean(jnp.diagonal(gram))
+    lam = _ridge_weight(gram, damp)
     return jnp.sum((delta @ gram) * delta) + lam * jnp.sum(jnp.where(keep, delta, 0) ** 2)
 
 
@@ -238,7 +243,7 @@ def swap_columns(W2, gram, keep, k: int, damp: float, max_swaps: int, rtol: floa
     ``rtol ||W2 X||^2``, at most ``max_swaps`` times; ``keep`` must prune exactly ``k``.
     """
     M = _damped(gram, damp)
-    lam = damp * jnp.mean(jnp.diagonal(gram))
+    lam = _ridge_weight(gram, damp)
     return solver_swap_columns(
         M,
         W2 @ M,
