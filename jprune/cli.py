@@ -112,6 +112,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             offload=args.offload,
             progress=progress,
             matmul_precision=args.matmul_precision,
+            row_blocks=args.row_blocks,
         )
     finally:
         bar.close()
@@ -251,6 +252,16 @@ def add_prune_parser(sub) -> None:
         help="precision of every matrix product: float32 (default) keeps Grams and solvers in "
         "true float32; tensorfloat32 lets GPUs use TF32 tensor cores (faster, ~1e-3 relative "
         "error per product; CPUs compute float32 either way)",
+    )
+    pr.add_argument(
+        "--row-blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="reproducible mode: sum the Grams window by window in a fixed order and solve each "
+        "layer as N equal row blocks, so the pruned weights are bit-identical on every --mesh "
+        "whose size divides N (e.g. 8 for 1, 2, 4 or 8 devices); slower, most on one device "
+        "(default 0: off)",
     )
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_prune)

@@ -38,9 +38,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jprune.errors import JpruneError
 from jprune.methods import LayerProblem, get_method
 from jprune.model import LINEAR_INPUTS, block_linear_names
-from jprune.sharding import pad_rows, replicate, shard_leading, to_host
+from jprune.sharding import mesh_size, pad_rows, replicate, shard_leading, to_host
 from jprune.solvers import Pattern, Unstructured, check_pattern_fits
 
 # The linears that feed attention: once they are final, a block's attention output is too.
@@ -55,6 +56,10 @@ class EngineOptions:
     method_options: dict[str, Any] = field(default_factory=dict)
     mesh: Mesh | None = None  # data-parallel calibration and row-sharded layer problems
     offload: bool = False  # keep block activations in host memory between forward passes
+    # Reproducible mode when > 0: Grams summed window by window in a fixed order, and each
+    # layer solved as this many equal row blocks, so that the pruned weights are bit-identical
+    # on every mesh whose size divides it (see ``canonical_gram`` and ``_solve_in_row_blocks``).
+    row_blocks: int = 0
 
 
 def block_stages(spec, intra_block: bool) -> list[tuple[str, ...]]:
@@ -80,11 +85,37 @@ def _forward(graphdef, state, x, attention=None):
     return block(x) if attention is None else block.finish(x, attention)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _pairwise_sum(x: jax.Array) -> jax.Array:
+    """Sum over the leading axis as a fixed binary tree (neighbours first, an odd last one
+    carried up): the additions do not depend on how the axis is split over devices."""
+    while x.shape[0] > 1:
+        even = x.shape[0] - x.shape[0] % 2
+        x = jnp.concatenate([x[0:even:2] + x[1:even:2], x[even:]])
+    return x[0]
+
+
+def canonical_gram(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``A^T B`` over (windows, seqlen, d) activations, rounded the same on every mesh.
+
+    A data-parallel ``A^T B`` is each device's partial product plus an all-reduce, so its
+    rounding depends on how many devices share the windows. Here every window's Gram is one
+    product of fixed shape and the windows are summed by ``_pairwise_sum``.
+    """
+    return _pairwise_sum(jnp.einsum("wti,wtj->wij", a, b))
+
+
+def _gram(a: jax.Array, b: jax.Array, reproducible: bool) -> jax.Array:
+    if reproducible:
+        return canonical_gram(a, b)
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _batch_grams(
     graphdef,
     taps: tuple[str, ...],
     with_dense: bool,
+    reproducible: bool,
     state,
     dense_state,
     x,
@@ -97,11 +128,11 @@ def _batch_grams(
     out = {}
     dense = _forward(graphdef, dense_state, x_dense, dense_attention)[1] if with_dense else None
     for tap in taps:
-        xp = current[tap].reshape(-1, current[tap].shape[-1])
-        grams = {"gram": xp.T @ xp}
+        xp = current[tap]
+        grams = {"gram": _gram(xp, xp, reproducible)}
         if with_dense:
-            xd = dense[tap].reshape(-1, dense[tap].shape[-1])
-            grams |= {"cross": xd.T @ xp, "dense": xd.T @ xd}
+            xd = dense[tap]
+            grams |= {"cross": _gram(xd, xp, reproducible), "dense": _gram(xd, xd, reproducible)}
         out[tap] = grams
     return out
 
@@ -154,7 +185,16 @@ def stream_grams(
     batches = zip(x, *others, strict=True)
     for batch, xd, att, att_dense in batches:
         grams = _batch_grams(
-            graphdef, tuple(taps), with_dense, state, dense_state, batch, xd, att, att_dense
+            graphdef,
+            tuple(taps),
+            with_dense,
+            x.options.row_blocks > 0,
+            state,
+            dense_state,
+            batch,
+            xd,
+            att,
+            att_dense,
         )
         total = grams if total is None else jax.tree.map(jnp.add, total, grams)
     return total
@@ -164,9 +204,9 @@ def _batches(x: jax.Array, batch_size: int) -> list[jax.Array]:
     return [x[s : s + batch_size] for s in range(0, x.shape[0], batch_size)]
 
 
-def accumulate_grams(graphdef, taps, state, dense_state, x, x_dense, batch_size):
+def accumulate_grams(graphdef, taps, state, dense_state, x, x_dense, batch_size, row_blocks=0):
     """``stream_grams`` over whole (nsamples, seqlen, hidden) arrays on the default device."""
-    options = EngineOptions(batch_size=batch_size)
+    options = EngineOptions(batch_size=batch_size, row_blocks=row_blocks)
     dense = None if x_dense is None else Activations(_batches(x_dense, batch_size), options)
     return stream_grams(
         graphdef, taps, state, dense_state, Activations(_batches(x, batch_size), options), dense
@@ -213,6 +253,8 @@ def plain(value: Any) -> Any:
     """Method info -> JSON-ready numbers: scalars as is, per-row arrays as their mean."""
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
     if isinstance(value, tuple) and hasattr(value, "_asdict"):
         return plain(value._asdict())
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
@@ -243,23 +285,64 @@ def _row_separable(pattern: Pattern) -> bool:
 def _solve_layer(layer_method, problem: LayerProblem, pattern: Pattern, options: EngineOptions):
     """Run the method with rows sharded over the mesh and the Grams replicated."""
     mesh = options.mesh
+    if options.row_blocks and _row_separable(pattern):
+        return _solve_in_row_blocks(layer_method, problem, pattern, options)
     rows = problem.weight.shape[0]
     if mesh is not None:
         weight = to_host(problem.weight)
         if _row_separable(pattern):
             weight = shard_leading(pad_rows(weight, mesh), mesh)
+        elif options.row_blocks:
+            # A shared budget couples the rows: the reproducible mode runs the whole layer on
+            # every device, the program one device runs, instead of summing across devices.
+            weight = replicate(weight, mesh)
         else:
             weight = shard_leading(weight, mesh)  # replicated unless the rows divide
-        problem = problem._replace(
-            weight=weight,
-            gram=replicate(problem.gram, mesh),
-            cross_gram=None if problem.cross_gram is None else replicate(problem.cross_gram, mesh),
-        )
+        problem = _replicate_grams(problem._replace(weight=weight), mesh)
     result = layer_method(problem, pattern, **options.method_options)
     new_weight = jax.block_until_ready(result.weight)
     if mesh is not None:
         new_weight = jnp.asarray(to_host(new_weight)[:rows])
     return new_weight, result.info
+
+
+def _replicate_grams(problem: LayerProblem, mesh: Mesh | None) -> LayerProblem:
+    cross = problem.cross_gram
+    return problem._replace(
+        gram=replicate(problem.gram, mesh),
+        cross_gram=None if cross is None else replicate(cross, mesh),
+    )
+
+
+def _solve_in_row_blocks(layer_method, problem, pattern, options):
+    """Solve the layer as ``options.row_blocks`` equal blocks of rows (zero rows pad the last).
+
+    XLA picks its GEMM kernel, and with it the rounding, by the operands' shapes: the same rows
+    multiplied as part of 64 rows or of 8 can differ in the last bit, and a pruning method's
+    discrete choices (masks, best-of rounds) amplify that. Here every device always holds one
+    block: a mesh of n devices takes the blocks n at a time, one device one at a time, so each
+    device runs the same program on the same shapes whatever n is. The info is one entry per
+    call (each call covers n blocks).
+    """
+    devices = mesh_size(options.mesh)
+    if options.row_blocks % devices:
+        raise JpruneError(
+            f"{options.row_blocks} row blocks do not split evenly over {devices} devices: "
+            "choose a row-block count the mesh size divides"
+        )
+    weight = to_host(problem.weight)
+    rows = weight.shape[0]
+    extra = -rows % options.row_blocks
+    weight = np.concatenate([weight, np.zeros((extra, weight.shape[1]), weight.dtype)])
+    chunk = weight.shape[0] // options.row_blocks * devices
+    problem = _replicate_grams(problem, options.mesh)
+    pieces, infos = [], []
+    for start in range(0, weight.shape[0], chunk):
+        part = shard_leading(weight[start : start + chunk], options.mesh)
+        result = layer_method(problem._replace(weight=part), pattern, **options.method_options)
+        pieces.append(to_host(jax.block_until_ready(result.weight)))
+        infos.append(result.info)
+    return jnp.asarray(np.concatenate(pieces)[:rows]), {"row_blocks": infos}
 
 
 def layer_memory_bytes(d_out: int, d_in: int, num_grams: int, activation_bytes: int) -> int:

@@ -47,6 +47,18 @@ def _layer_hf_name(spec) -> Callable[[str], str]:
 MATMUL_PRECISIONS = ("float32", "tensorfloat32")
 
 
+def _check_row_blocks(row_blocks: int, device_mesh, structured: bool) -> None:
+    if row_blocks < 0:
+        raise JpruneError(f"row_blocks must be 0 (off) or a positive count, got {row_blocks}")
+    if row_blocks and structured:
+        raise JpruneError("row_blocks (the reproducible mode) applies to unstructured methods")
+    if row_blocks % mesh_size(device_mesh):
+        raise JpruneError(
+            f"row_blocks {row_blocks} does not split over the {mesh_size(device_mesh)}-device "
+            "mesh: choose a count the mesh size divides"
+        )
+
+
 def prune(
     model: str | os.PathLike,
     method: str,
@@ -72,6 +84,7 @@ def prune(
     evaluate_dense: bool = True,
     progress: ProgressFn | None = None,
     matmul_precision: str = "float32",
+    row_blocks: int = 0,
 ) -> dict[str, Any]:
     """Prune ``model`` (an HF directory) and return the report; write it to ``out`` if given.
 
@@ -84,7 +97,9 @@ def prune(
     ``matmul_precision`` is JAX's matmul precision for the whole run: ``"float32"`` (default)
     keeps every GEMM of the Grams and solvers in true float32; ``"tensorfloat32"`` lets GPUs use
     TF32 tensor cores (several times faster there, about 1e-3 relative error per product);
-    CPUs compute float32 either way.
+    CPUs compute float32 either way. ``row_blocks=N`` (N > 0) is the reproducible mode: Grams
+    are summed window by window in a fixed order and each layer is solved as N equal row
+    blocks, so the pruned weights are bit-identical on every mesh whose size divides N.
     """
     if matmul_precision not in MATMUL_PRECISIONS:
         raise JpruneError(
@@ -94,6 +109,7 @@ def prune(
         started = time.perf_counter()
         device_mesh = make_mesh(mesh)
         structured = method in STRUCTURED_METHODS
+        _check_row_blocks(row_blocks, device_mesh, structured)
         if structured:
             if sparsity is None or pattern is not None:
                 raise JpruneError(
@@ -156,6 +172,7 @@ def prune(
             intra_block=intra_block,
             batch_size=batch_size,
             method_options=dict(method_options or {}),
+            row_blocks=row_blocks,
         )
         prune_started = time.perf_counter()
         parameters_before = parameter_count(net)
@@ -200,6 +217,7 @@ def prune(
                 "method_options": dict(method_options or {}),
                 "dtype": dtype,
                 "matmul_precision": matmul_precision,
+                "row_blocks": row_blocks,
             },
             "perplexity": {
                 name: {"before": before[name], "after": after[name], "seqlen": eval_len}

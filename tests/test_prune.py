@@ -145,6 +145,7 @@ def test_prunes_opt_with_biases(zoo, tmp_path):
         (["--pattern", "4:8"], "divide the input width 172"),
         (["--sparsity", "0.5", "--nsamples", "100000"], "is more than"),
         (["--sparsity", "0.5", "--calib", "/nonexistent/calib.txt"], "does not exist"),
+        (["--sparsity", "0.5", "--row-blocks", "-1"], "row_blocks must be 0 (off)"),
     ],
 )
 def test_bad_input_is_refused_with_one_line_and_nothing_written(

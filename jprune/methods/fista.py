@@ -98,6 +98,13 @@ def fista_prune(
     scale = _unit_scale(H) if standardize else jnp.ones(H.shape[0], H.dtype)
     H_unit = H * scale[:, None] * scale[None, :]
     C_unit = C * scale[None, :]
+    # Back to unit inputs by multiplying with the reciprocal, never ``W / scale``: XLA rewrites
+    # a division by a broadcast vector into that product in some programs and not in others
+    # (one device vs a sharded mesh), and the last-bit difference moves masks.
+    inverse = 1.0 / scale
+
+    def to_unit(W):
+        return W * inverse[None, :]
 
     # Rows are independent problems unless the budget is shared by the whole matrix, so the
     # best answer is kept row by row: one row may gain from a pursuit step another loses by.
@@ -125,7 +132,7 @@ def fista_prune(
     start_error = errors(start)
     if not start_competes:
         start_error = jnp.full_like(start_error, jnp.inf)
-    init = (start, start_error, start / scale[None, :])
+    init = (start, start_error, to_unit(start))
     (best, best_error, V), stats = lax.scan(one_round, init, None, length=rounds)
     if swaps is None:
         return best, jnp.sum(best_error), stats
@@ -145,17 +152,15 @@ def fista_prune(
         # refit to tolerance at the end.
         W, _ = refit(H_error, C, V != 0, V * scale[None, :], maxiter=pursuit_cg, tol=refit_tol)
         (best, best_error), error = keep_better(best, best_error, W)
-        return (best, best_error, W / scale[None, :]), error
+        return (best, best_error, to_unit(W)), error
 
     # Pursue from the best lasso answer (its mask), whichever round gave it, and from the dense
     # weights: there the gradient vanishes, so the first projection keeps the largest
     # |w_ij| ||X_j|| and the steps that follow move that mask by the exact objective. Both are
     # this method's own iterates; the better one is kept row by row.
-    (best, best_error, _), from_lasso = lax.scan(
-        pursuit, (best, best_error, best / scale[None, :]), steps
-    )
+    (best, best_error, _), from_lasso = lax.scan(pursuit, (best, best_error, to_unit(best)), steps)
     (best, best_error, _), from_dense = lax.scan(
-        pursuit, (best, best_error, problem_start / scale[None, :]), steps[1:]
+        pursuit, (best, best_error, to_unit(problem_start)), steps[1:]
     )
     stats["refit"] = jnp.concatenate([from_lasso, from_dense])
     # CG from the kept answer only lowers each row's objective, so this keeps it the best.
