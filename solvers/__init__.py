@@ -4,6 +4,7 @@ Every problem has rows ``w_i`` of ``W`` (m, d) sharing one PSD ``H`` (d, d):
 ``f(W) = 1/2 sum_i w_i H w_i^T - sum_i c_i . w_i``; a step for all rows is one GEMM ``W @ H``.
 """
 
+from ._admm import lasso_admm
 from ._box_qp import BoxQPInfo, box_qp
 from ._continuation import (
     ContinuationInfo,
@@ -43,6 +44,7 @@ __all__ = [
     "box_qp",
     "fista",
     "lam_search",
+    "lasso_admm",
     "lipschitz",
     "penalty_continuation",
     "project_capped_simplex",

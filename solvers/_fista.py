@@ -80,12 +80,17 @@ def fista(
     below ``tol * ||c_i||``. Differentiable in ``H``, ``C`` and ``lam`` by implicit
     differentiation. Returns ``W`` in ``C``'s dtype and a :class:`LassoInfo`.
     """
+    return run_lasso(_lasso, H, C, lam, W0, mask, maxiter, tol)
+
+
+def run_lasso(solve, H, C, lam, W0, mask, maxiter, tol) -> tuple[jax.Array, LassoInfo]:
+    """The lasso solvers' shared front end: compute dtype, per-row ``lam``, default start and
+    mask, then ``solve(maxiter, tol, H, C, lam, W0, mask) -> (W, stats)`` and the certificate."""
     dtype = compute_dtype(H, C, W0)
     H32, C32 = H.astype(dtype), C.astype(dtype)
-    m = C.shape[0]
-    lam_rows = per_row(lam, m, dtype)
+    lam_rows = per_row(lam, C.shape[0], dtype)
     W0 = jnp.zeros(C.shape, dtype) if W0 is None else W0.astype(dtype)
     mask = jnp.ones(C.shape, bool) if mask is None else jnp.broadcast_to(mask, C.shape)
-    W, (num_steps, converged, iterations) = _lasso(maxiter, tol, H32, C32, lam_rows, W0, mask)
+    W, (num_steps, converged, iterations) = solve(maxiter, tol, H32, C32, lam_rows, W0, mask)
     objective, gap, kkt = lasso_certificate(W, H32, C32, lam_rows, mask)
     return W.astype(C.dtype), LassoInfo(objective, gap, kkt, num_steps, converged, iterations)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._admm import admm_iterations, factorize
 from ._fista import LassoInfo, fista, lasso_certificate
 from ._quadratic import compute_dtype
 from ._sparsity import NM, Pattern, check_pattern_fits, project_pattern
@@ -44,7 +45,10 @@ def _feasible(W: jax.Array, pattern: Pattern) -> jax.Array:
     return jnp.broadcast_to(nonzero.sum() >= keep, (d_out,))
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "num_bisect", "maxiter", "tol"))
+LASSO_SOLVERS = ("fista", "admm")
+
+
+@functools.partial(jax.jit, static_argnames=("pattern", "num_bisect", "maxiter", "tol", "solver"))
 def lam_search(
     H: jax.Array,
     C: jax.Array,
@@ -55,11 +59,16 @@ def lam_search(
     num_bisect: int = 20,
     maxiter: int = 200,
     tol: float = 1e-5,
+    solver: str = "fista",
 ) -> tuple[jax.Array, LamSearchInfo]:
-    """Find ``lam`` (per row, or per matrix) so that ``fista`` fits ``pattern``; project onto it.
+    """Find ``lam`` (per row, or per matrix) so that the lasso fits ``pattern``; project onto it.
 
-    Returns the projected ``W`` (in ``C``'s dtype) and a :class:`LamSearchInfo`.
+    ``solver``: ``"fista"`` or ``"admm"`` (``lasso_admm``; its factorization of ``H`` is made
+    once and shared by every bisection step). Returns the projected ``W`` (in ``C``'s dtype)
+    and a :class:`LamSearchInfo`.
     """
+    if solver not in LASSO_SOLVERS:
+        raise ValueError(f"unknown lasso solver {solver!r}; choose one of {LASSO_SOLVERS}")
     check_pattern_fits(pattern, C.shape)
     dtype = compute_dtype(H, C, W0)
     out_dtype, H, C = C.dtype, H.astype(dtype), C.astype(dtype)
@@ -71,9 +80,17 @@ def lam_search(
         log_hi = jnp.full(scale.shape, jnp.log(jnp.maximum(scale.max(), jnp.finfo(dtype).tiny)))
     log_lo = log_hi + math.log(1e-6)
 
+    factors = factorize(H) if solver == "admm" else None
+
     def solve(log_lam, W_start):
-        W, info = fista(H, C, jnp.exp(log_lam), W0=W_start, mask=mask, maxiter=maxiter, tol=tol)
-        return W, info
+        lam = jnp.exp(log_lam)
+        if solver == "fista":
+            return fista(H, C, lam, W0=W_start, mask=mask, maxiter=maxiter, tol=tol)
+        start = jnp.zeros_like(C) if W_start is None else W_start.astype(dtype)
+        state = admm_iterations(maxiter, tol, H, C, lam, start, mask, factors)
+        objective, gap, kkt = lasso_certificate(state.Z, H, C, lam, mask)
+        info = LassoInfo(objective, gap, kkt, state.num_steps, state.converged, state.iteration)
+        return state.Z, info
 
     W_best, info_best = solve(log_lo, W0)
     feasible_best = _feasible(W_best, pattern)

@@ -18,6 +18,7 @@ from jprune.solvers import (
     box_qp,
     fista,
     lam_search,
+    lasso_admm,
     select_columns,
     sparse_least_squares,
 )
@@ -46,10 +47,15 @@ def _drop_decision(solve):
 SOLVERS = {
     "fista": lambda H, C: fista(H, C, 0.05, maxiter=60),
     "fista_masked": lambda H, C: fista(H, C, 0.05, mask=_keep, maxiter=60),
+    "lasso_admm": lambda H, C: lasso_admm(H, C, 0.05, maxiter=60),
+    "lasso_admm_masked": lambda H, C: lasso_admm(H, C, 0.05, mask=_keep, maxiter=60),
     "box_qp_apg": lambda H, C: box_qp(H, C, -0.3, 0.3, maxiter=60, method="apg"),
     "box_qp_cg": lambda H, C: box_qp(H, C, *_bounds(C), maxiter=60, method="cg"),
     "box_qp_auto": lambda H, C: box_qp(H, C, *_bounds(C), maxiter=60),
     "lam_search": lambda H, C: lam_search(H, C, Unstructured(0.5), num_bisect=4, maxiter=30),
+    "lam_search_admm": lambda H, C: lam_search(
+        H, C, Unstructured(0.5), num_bisect=4, maxiter=30, solver="admm"
+    ),
     "select_columns": _drop_decision(lambda H, C: select_columns(H, C, 4, num_stages=8)),
     "sparse_least_squares": _drop_decision(
         lambda H, C: sparse_least_squares(H, C, NM(2, 4), num_stages=8, maxiter=60)

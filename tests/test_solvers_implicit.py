@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_solvers_reference import make_problem
 
-from jprune.solvers import box_qp, fista
+from jprune.solvers import box_qp, fista, lasso_admm
 
 M, D = 3, 8
 
@@ -38,12 +38,13 @@ def _check(loss, args, directions, eps=1e-6):
         np.testing.assert_allclose(float(jnp.sum(g * v)), float(fd), rtol=1e-5, atol=1e-8)
 
 
-def test_fista_gradients_match_finite_differences(x64):
+@pytest.mark.parametrize("solve", [fista, lasso_admm], ids=["fista", "admm"])
+def test_lasso_gradients_match_finite_differences(x64, solve):
     H, C, R, dH, dC = _data(0)
     lam = jnp.asarray([0.05, 0.1, 0.2]) * float(np.abs(C).max())
 
     def loss(H, C, lam):
-        W, _ = fista(H, C, lam, maxiter=100_000, tol=1e-13)
+        W, _ = solve(H, C, lam, maxiter=100_000, tol=1e-13)
         return jnp.sum(W * R)
 
     args = (jnp.asarray(H), jnp.asarray(C), lam)

@@ -17,11 +17,13 @@ PATTERNS = [
 ]
 
 
+@pytest.mark.parametrize("solver", ["fista", "admm"])
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
 @pytest.mark.parametrize("cond", ["well", "ill"])
-def test_lam_search_hits_the_exact_count(pattern, cond):
+def test_lam_search_hits_the_exact_count(pattern, cond, solver):
     _, _, H, C = make_problem(6, 32, cond=cond, seed=5)
-    W, info = lam_search(jnp.asarray(H, jnp.float32), jnp.asarray(C, jnp.float32), pattern)
+    H, C = jnp.asarray(H, jnp.float32), jnp.asarray(C, jnp.float32)
+    W, info = lam_search(H, C, pattern, solver=solver)
     nonzero = np.asarray(W) != 0
     assert bool(np.all(info.feasible))
     assert nonzero.size - nonzero.sum() == num_pruned(pattern, W.shape)
@@ -36,3 +38,9 @@ def test_lam_search_hits_the_exact_count(pattern, cond):
     # The search did shrink: the chosen lam leaves no more nonzeros than it needs to by much.
     assert np.all(lam > 0)
     assert nonzero.sum() <= np.asarray(info.nnz_lasso).sum()
+
+
+def test_lam_search_refuses_an_unknown_solver():
+    _, _, H, C = make_problem(2, 8, cond="well", seed=5)
+    with pytest.raises(ValueError, match="unknown lasso solver 'cd'"):
+        lam_search(jnp.asarray(H), jnp.asarray(C), NM(2, 4), solver="cd")

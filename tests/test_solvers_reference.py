@@ -18,6 +18,7 @@ from jprune.solvers import (
     box_qp,
     fista,
     keep_mask,
+    lasso_admm,
     refit_columns,
     select_columns,
     sparse_least_squares,
@@ -74,15 +75,19 @@ def as_jax(dtype, *arrays):
     return [jnp.asarray(a, dtype) for a in arrays]
 
 
+LASSO_SOLVERS = {"fista": fista, "admm": lasso_admm}
+
+
+@pytest.mark.parametrize("solver", LASSO_SOLVERS)
 @pytest.mark.parametrize("cond", ["well", "ill"])
 @pytest.mark.parametrize("precision", ["float64", "float32"])
-def test_fista_matches_sklearn_lasso(cond, precision):
+def test_lasso_solvers_match_sklearn_lasso(solver, cond, precision):
     dtype, rtol = PRECISION[precision]
     A, Y, H, C = make_problem(6, 24, cond=cond)
     lam = np.linspace(0.02, 0.2, 6) * np.abs(C).max()
     expected = lasso_reference(A, Y, lam)
     with jax.enable_x64(precision == "float64"):
-        W, info = fista(*as_jax(dtype, H, C, lam), maxiter=50_000, tol=1e-9)
+        W, info = LASSO_SOLVERS[solver](*as_jax(dtype, H, C, lam), maxiter=50_000, tol=1e-9)
         assert W.dtype == dtype
         assert bool(info.converged.all()) or precision == "float32"
         W = np.asarray(W, np.float64)
@@ -96,7 +101,8 @@ def test_fista_matches_sklearn_lasso(cond, precision):
     assert np.all(np.asarray(info.kkt) <= 10 * rtol * c_scale)
 
 
-def test_fista_mask_matches_sklearn_on_the_kept_columns():
+@pytest.mark.parametrize("solver", LASSO_SOLVERS)
+def test_lasso_mask_matches_sklearn_on_the_kept_columns(solver):
     A, Y, H, C = make_problem(4, 16, cond="ill", seed=3)
     rng = np.random.default_rng(7)
     mask = rng.random(C.shape) < 0.6
@@ -105,21 +111,24 @@ def test_fista_mask_matches_sklearn_on_the_kept_columns():
     for i, keep in enumerate(mask):
         expected[i, keep] = lasso_reference(A[:, keep], Y[i : i + 1], lam)[0]
     with jax.enable_x64(True):
-        W, info = fista(*as_jax(jnp.float64, H, C), lam, mask=mask, maxiter=50_000, tol=1e-10)
+        W, info = LASSO_SOLVERS[solver](
+            *as_jax(jnp.float64, H, C), lam, mask=mask, maxiter=50_000, tol=1e-10
+        )
         W, kkt = np.asarray(W), np.asarray(info.kkt)
     np.testing.assert_allclose(W, expected, atol=1e-6)
     assert np.all(W[~mask] == 0)
     assert kkt.max() < 1e-7
 
 
-def test_fista_closed_form_on_diagonal_H():
+@pytest.mark.parametrize("solver", LASSO_SOLVERS)
+def test_lasso_closed_form_on_diagonal_H(solver):
     """Diagonal H decouples every entry: w_ij = soft(c_ij, lam_i) / H_jj."""
     rng = np.random.default_rng(0)
     h = rng.uniform(0.5, 3.0, 12)
     C = rng.standard_normal((5, 12))
     lam = rng.uniform(0.1, 1.0, 5)
     expected = np.sign(C) * np.maximum(np.abs(C) - lam[:, None], 0) / h
-    W, info = fista(
+    W, info = LASSO_SOLVERS[solver](
         jnp.diag(jnp.asarray(h, jnp.float32)), jnp.asarray(C, jnp.float32), lam, tol=1e-7
     )
     np.testing.assert_allclose(np.asarray(W), expected, atol=1e-5)
@@ -248,9 +257,13 @@ def test_sparse_least_squares_against_exhaustive_search(pattern):
             baseline.append((objective(wanda_W, H, C) - base) / (best - base))
     ours, baseline = np.concatenate(ours), np.concatenate(baseline)
     assert np.all(ours >= 1 - 1e-9)
-    # Penalty decomposition is local; on these correlated problems it lands within a few x of
-    # the row optimum (recorded mean ~4) and does not beat Wanda + refit. Guard the band.
-    assert ours.max() < 15 and ours.mean() < 2 * baseline.mean(), (ours, baseline)
+    # Penalty decomposition is local; on these correlated problems (built so that the
+    # one-shot score misleads) it lands within a few x of the row optimum. The refit of the
+    # score's start competes and the pursuit moves the better support, so no row is worse than
+    # Wanda + refit; recorded (unstructured, 2:4): the pursuit takes one 2:4 row from 10.96x to
+    # 2.17x the optimal error, the schedule one unstructured row from 1.62x to 1.42x.
+    assert np.all(ours <= baseline + 1e-9), (ours, baseline)
+    assert ours.max() < 15 and ours.mean() < baseline.mean(), (ours, baseline)
 
 
 def _reference_keep(scores, k):

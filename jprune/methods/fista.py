@@ -69,6 +69,7 @@ def _unit_scale(H: jax.Array) -> jax.Array:
         "pursuit_cg",
         "refit_tol",
         "start_competes",
+        "lasso_solver",
     ),
 )
 def fista_prune(
@@ -89,6 +90,7 @@ def fista_prune(
     pursuit_cg: int,
     refit_tol: float,
     start_competes: bool,
+    lasso_solver: str = "fista",
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """FISTAPruner on one layer: (pruned float32 weight, its error, per-stage errors).
 
@@ -123,7 +125,14 @@ def fista_prune(
     def one_round(carry, _):
         best, best_error, lasso_start = carry
         V, search = lam_search(
-            H_unit, C_unit, pattern, W0=lasso_start, num_bisect=num_bisect, maxiter=maxiter, tol=tol
+            H_unit,
+            C_unit,
+            pattern,
+            W0=lasso_start,
+            num_bisect=num_bisect,
+            maxiter=maxiter,
+            tol=tol,
+            solver=lasso_solver,
         )
         (best, best_error), error = keep_better(best, best_error, V * scale[None, :])
         return (best, best_error, V), {"error": error, "lam": search.lam}
@@ -185,6 +194,7 @@ def fista(
     refit_tol: float = 1e-5,
     pursuit_cg: int = 32,
     warm_start: str | None = None,
+    lasso_solver: str = "fista",
 ) -> LayerResult:
     """FISTAPruner: ``rounds`` bisections on ``lam`` of ``num_bisect`` FISTA solves each.
 
@@ -193,7 +203,9 @@ def fista(
     ``step / L`` (``refit=False``: the paper's algorithm, the rounded lasso answer), each
     ranked after ``pursuit_cg`` warm-started CG steps; the kept mask is refit to ``refit_tol``.
     ``warm_start``: ``None`` (start at the dense weights), ``"sparsegpt"`` or ``"wanda"`` (start
-    at, and compete with, that method's answer).
+    at, and compete with, that method's answer). ``lasso_solver``: ``"fista"`` (the paper's) or
+    ``"admm"`` (``solvers.lasso_admm``, one factorization of the layer's Gram shared by every
+    bisection step) for the lasso solves of the ``lam`` search.
 
     ``info``: ``error`` (the kept answer's ``1/2 ||W Xp - W0 X||^2`` per token, up to a
     constant), ``lasso_error`` (the same for the best rounded lasso answer), ``lam`` (its mean
@@ -228,6 +240,7 @@ def fista(
         refit_tol=refit_tol,
         # The dense start violates the pattern; only a warm start's pruned answer may win.
         start_competes=warm_start is not None,
+        lasso_solver=lasso_solver,
     )
     best = int(jnp.argmin(stats["error"]))
     info = {
