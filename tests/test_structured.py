@@ -41,7 +41,7 @@ def _ids(vocab: int) -> jnp.ndarray:
 def _transformers_logits(directory, ids, remote: bool) -> np.ndarray:
     hf = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=remote).eval()
     with torch.no_grad():
-        return hf(torch.as_tensor(np.asarray(ids))).logits.numpy()
+        return hf(torch.as_tensor(np.array(ids))).logits.numpy()
 
 
 @pytest.mark.parametrize("method", METHODS)
