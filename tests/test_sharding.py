@@ -80,7 +80,13 @@ SCRIPT = textwrap.dedent(
             evaluate_dense=False,
         )
         result["default"] = report["summary"]["relative_error_sum"]
-    # 3. Row blocks the mesh does not divide are refused before anything is written.
+    # 3. A per-layer budget couples the rows: the reproducible mode replicates such layers.
+    for m in (1, 8):
+        jp.prune(
+            model_dir, "fista", sparsity=0.5, scope="matrix", calib=calib, nsamples=8, seqlen=64,
+            mesh=m, out=f"{out}/fista-matrix-mesh{m}", row_blocks=8, evaluate_dense=False,
+        )
+    # 4. Row blocks the mesh does not divide are refused before anything is written.
     try:
         jp.prune(model_dir, "magnitude", sparsity=0.5, calib=calib, nsamples=8, seqlen=64,
                  mesh=8, row_blocks=4, out=f"{out}/refused")
@@ -173,6 +179,15 @@ def test_sharded_pruning_matches_one_device(sharded_runs, method):
 def _decoder_weights(path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return {n: t for n, t in model.state_dict().items() if "layers" in n}
+
+
+def test_reproducible_mode_with_a_per_layer_budget(sharded_runs):
+    root, _ = sharded_runs
+    one = _decoder_weights(root / "fista-matrix-mesh1")
+    eight = _decoder_weights(root / "fista-matrix-mesh8")
+    assert sum(int((t != eight[name]).sum()) for name, t in one.items()) == 0
+    linears = [t for t in one.values() if t.ndim == 2]
+    assert all(int((t == 0).sum()) == t.numel() // 2 for t in linears)  # 50% of every layer
 
 
 def test_row_blocks_the_mesh_does_not_divide_are_refused(sharded_runs):
