@@ -42,7 +42,7 @@ from jprune.errors import JpruneError
 from jprune.methods import LayerProblem, get_method
 from jprune.model import LINEAR_INPUTS, block_linear_names
 from jprune.sharding import mesh_size, pad_rows, replicate, shard_leading, to_host
-from jprune.solvers import Pattern, Unstructured, check_pattern_fits
+from jprune.solvers import Pattern, check_pattern_fits, row_separable
 
 # The linears that feed attention: once they are final, a block's attention output is too.
 ATTENTION_LINEARS = frozenset(n for n, tap in LINEAR_INPUTS.items() if tap == "attn_in")
@@ -278,19 +278,15 @@ def _set_linear_weight(state, name, weight):
     state[name]["weight"][...] = weight
 
 
-def _row_separable(pattern: Pattern) -> bool:
-    return not (isinstance(pattern, Unstructured) and pattern.scope == "matrix")
-
-
 def _solve_layer(layer_method, problem: LayerProblem, pattern: Pattern, options: EngineOptions):
     """Run the method with rows sharded over the mesh and the Grams replicated."""
     mesh = options.mesh
-    if options.row_blocks and _row_separable(pattern):
+    if options.row_blocks and row_separable(pattern):
         return _solve_in_row_blocks(layer_method, problem, pattern, options)
     rows = problem.weight.shape[0]
     if mesh is not None:
         weight = to_host(problem.weight)
-        if _row_separable(pattern):
+        if row_separable(pattern):
             weight = shard_leading(pad_rows(weight, mesh), mesh)
         elif options.row_blocks:
             # A shared budget couples the rows: the reproducible mode runs the whole layer on

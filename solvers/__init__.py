@@ -32,6 +32,7 @@ from ._sparsity import (
     project_pattern,
     project_topk,
     prox_l1,
+    row_separable,
     topk_mask,
 )
 
@@ -64,5 +65,6 @@ __all__ = [
     "project_pattern",
     "project_topk",
     "prox_l1",
+    "row_separable",
     "topk_mask",
 ]

@@ -110,10 +110,20 @@ def admm_iterations(maxiter, tol, H, C, lam, W0, mask, factors: Factorization):
     return run_loop(step, init, maxiter=maxiter)
 
 
+def admm_solve(factors: Factorization):
+    """A ``solve(maxiter, tol, H, C, lam, W0, mask) -> (Z, stats)`` for ``run_lasso`` that
+    reuses ``factors`` (the lam search shares one factorization across its solves)."""
+
+    def solve(maxiter, tol, H, C, lam, W0, mask):
+        state = admm_iterations(maxiter, tol, H, C, lam, W0, mask, factors)
+        return state.Z, (state.num_steps, state.converged, state.iteration)
+
+    return solve
+
+
 def _solve(maxiter, tol, H, C, lam, W0, mask):
     H = jax.lax.stop_gradient(H)
-    state = admm_iterations(maxiter, tol, H, C, lam, W0, mask, factorize(H))
-    return state.Z, (state.num_steps, state.converged, state.iteration)
+    return admm_solve(factorize(H))(maxiter, tol, H, C, lam, W0, mask)
 
 
 _lasso = lasso_solution(_solve)

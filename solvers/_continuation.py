@@ -34,13 +34,7 @@ import jax.scipy.linalg as jsl
 from ._box_qp import box_qp
 from ._loop import run_loop
 from ._quadratic import compute_dtype, row_objective
-from ._sparsity import (
-    Pattern,
-    Unstructured,
-    check_pattern_fits,
-    keep_mask,
-    topk_mask,
-)
+from ._sparsity import Pattern, check_pattern_fits, keep_mask, row_separable, topk_mask
 
 
 class ContinuationState(NamedTuple):
@@ -279,8 +273,9 @@ def sparse_least_squares(
     schedule, then refits each row on its support with the masked CG (``box_qp``, ``maxiter``
     and ``tol``). The refit of the schedule's support competes with the refit of the starting
     projection (the score ``|w_ij| sqrt(H_jj)`` on ``W0``, Wanda's on a dense start), and
-    ``pursuit`` steps of hard thresholding pursuit (Foucart, SIAM J. Numer. Anal. 2011:
-    gradient step of length ``1/L``, projection, exact refit) move the better support; each
+    ``pursuit`` steps of hard thresholding pursuit (Foucart, SIAM J. Numer. Anal. 2011; here
+    a Jacobi-scaled gradient step ``-g_j / H_jj``, projection, exact refit) move the better
+    support; each
     row keeps its best answer (the whole matrix for a matrix budget), so the result is never
     worse than the start's refit. Returns the kept ``mask`` (exact pattern counts), ``W`` in
     ``C``'s dtype and a :class:`ContinuationInfo`.
@@ -309,11 +304,7 @@ def sparse_least_squares(
     W0 = W0.astype(dtype)
     Z0 = z_step(W0, None, None)
     state = penalty_continuation(w_step, z_step, settled, W0, Z0, rhos)
-    per_row = not (isinstance(pattern, Unstructured) and pattern.scope == "matrix")
-
-    def refit(mask, start):
-        bound = jnp.where(mask, jnp.inf, 0)
-        return box_qp(H, C32, -bound, bound, W0=start, maxiter=maxiter, tol=tol, method="cg")[0]
+    per_row = row_separable(pattern)
 
     def objectives(W):
         rows = row_objective(W, H, C32)
@@ -324,7 +315,9 @@ def sparse_least_squares(
         return tuple(jnp.where(better, new, old) for new, old in zip(candidate, best, strict=True))
 
     def refit_on(mask, start):
-        return refit(mask, start), mask
+        bound = jnp.where(mask, jnp.inf, 0)
+        W, _ = box_qp(H, C32, -bound, bound, W0=start, maxiter=maxiter, tol=tol, method="cg")
+        return W, mask
 
     schedule_mask = keep_mask(jnp.abs(state.W) * jnp.sqrt(metric), pattern)
     start_mask = keep_mask(jnp.abs(W0) * jnp.sqrt(metric), pattern)

@@ -18,10 +18,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._admm import admm_iterations, factorize
-from ._fista import LassoInfo, fista, lasso_certificate
+from ._admm import admm_solve, factorize
+from ._fista import LassoInfo, fista, lasso_certificate, run_lasso
 from ._quadratic import compute_dtype
-from ._sparsity import NM, Pattern, check_pattern_fits, project_pattern
+from ._sparsity import NM, Pattern, check_pattern_fits, project_pattern, row_separable
 
 
 class LamSearchInfo(NamedTuple):
@@ -74,7 +74,7 @@ def lam_search(
     out_dtype, H, C = C.dtype, H.astype(dtype), C.astype(dtype)
     mask = jnp.ones(C.shape, bool) if mask is None else jnp.broadcast_to(mask, C.shape)
     scale = jnp.max(jnp.where(mask, jnp.abs(C), 0), axis=-1)
-    if isinstance(pattern, NM) or pattern.scope == "row":
+    if row_separable(pattern):
         log_hi = jnp.log(jnp.maximum(scale, jnp.finfo(dtype).tiny))
     else:
         log_hi = jnp.full(scale.shape, jnp.log(jnp.maximum(scale.max(), jnp.finfo(dtype).tiny)))
@@ -86,11 +86,7 @@ def lam_search(
         lam = jnp.exp(log_lam)
         if solver == "fista":
             return fista(H, C, lam, W0=W_start, mask=mask, maxiter=maxiter, tol=tol)
-        start = jnp.zeros_like(C) if W_start is None else W_start.astype(dtype)
-        state = admm_iterations(maxiter, tol, H, C, lam, start, mask, factors)
-        objective, gap, kkt = lasso_certificate(state.Z, H, C, lam, mask)
-        info = LassoInfo(objective, gap, kkt, state.num_steps, state.converged, state.iteration)
-        return state.Z, info
+        return run_lasso(admm_solve(factors), H, C, lam, W_start, mask, maxiter, tol)
 
     W_best, info_best = solve(log_lo, W0)
     feasible_best = _feasible(W_best, pattern)

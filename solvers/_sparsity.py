@@ -65,6 +65,11 @@ def parse_pattern(
     return Unstructured(float(sparsity), scope)  # type: ignore[arg-type]
 
 
+def row_separable(pattern: Pattern) -> bool:
+    """Every row is its own problem (per-row and N:M budgets); a per-matrix budget couples them."""
+    return not (isinstance(pattern, Unstructured) and pattern.scope == "matrix")
+
+
 def check_pattern_fits(pattern: Pattern, shape: tuple[int, int]) -> None:
     """Refuse a pattern that cannot be applied exactly to a matrix of this shape."""
     if isinstance(pattern, NM) and shape[1] % pattern.m:

@@ -36,11 +36,11 @@ from jax import lax
 from jprune.errors import JpruneError
 from jprune.solvers import (
     Pattern,
-    Unstructured,
     check_pattern_fits,
     lam_search,
     lipschitz,
     project_pattern,
+    row_separable,
 )
 
 from .base import METHODS, LayerProblem, LayerResult, register
@@ -110,7 +110,7 @@ def fista_prune(
 
     # Rows are independent problems unless the budget is shared by the whole matrix, so the
     # best answer is kept row by row: one row may gain from a pursuit step another loses by.
-    per_row = not (isinstance(pattern, Unstructured) and pattern.scope == "matrix")
+    per_row = row_separable(pattern)
 
     def errors(W):
         rows = row_errors(W, H_error, C)
