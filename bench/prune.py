@@ -48,7 +48,7 @@ METHODS = {
     "wanda": ("wanda", {}),
     "sparsegpt": ("sparsegpt", {}),
     "fista": ("fista", {}),
-    "fista-paper": ("fista", {"refit": False}),
+    "fista-paper": ("fista", {"refit": False, "correction": 1.0}),
     "optima-wanda": ("optima", {"mask_from": "wanda"}),
     "optima-sparsegpt": ("optima", {"mask_from": "sparsegpt"}),
     "optima-wanda-tol1e-2": ("optima", {"mask_from": "wanda", "tol": 1e-2}),

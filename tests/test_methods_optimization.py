@@ -6,12 +6,14 @@ FISTAPruner against the baselines' reconstruction error on a correlated problem.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_methods_baselines import problem_of, random_layer
 
 from jprune.errors import JpruneError
-from jprune.methods import METHODS
+from jprune.methods import METHODS, LayerProblem
+from jprune.methods.fista import corrected
 from jprune.solvers import NM, Unstructured, num_pruned
 
 from conftest import CALIB_TEXT, STORIES260K
@@ -96,6 +98,54 @@ def test_fista_warm_start_competes(layer):
     assert int((np.asarray(warm) == 0).sum()) == num_pruned(pattern, weight.shape)
     sparsegpt = METHODS["sparsegpt"](problem, pattern).weight
     assert error(warm, weight, x) <= error(sparsegpt, weight, x) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("correction", [0.0, 0.25, 1.0])
+def test_fista_correction_is_least_squares_to_the_blended_target(correction):
+    """On its kept support each row fits ``W0 (Xp + c (X - Xp))``: a float64 lstsq per row.
+
+    Compared by the residual each row leaves (the inputs are ill-conditioned, so the weights
+    themselves are determined only loosely), and against the other corrections' answers.
+    """
+    weight, x = random_layer(16, 48, 500, seed=5, correlated=True)
+    rng = np.random.default_rng(6)
+    # The pruned model's inputs: the dense ones plus an upstream error correlated with them.
+    xp = (x + 0.3 * (rng.standard_normal((48, 48)) / np.sqrt(48)) @ x).astype(np.float32)
+    x64, xp64 = x.astype(np.float64), xp.astype(np.float64)
+    problem = LayerProblem(
+        jnp.asarray(weight),
+        jnp.asarray((xp64 @ xp64.T).astype(np.float32)),
+        jnp.asarray((x64 @ xp64.T).astype(np.float32)),
+        x.shape[1],
+        "test",
+    )
+    pruned = np.asarray(METHODS["fista"](problem, Unstructured(0.5), correction=correction).weight)
+    target = weight.astype(np.float64) @ (xp64 + correction * (x64 - xp64))
+    for i in range(weight.shape[0]):
+        support = pruned[i] != 0
+        row, *_ = np.linalg.lstsq(xp64[support].T, target[i], rcond=None)
+        best = np.sum((row @ xp64[support] - target[i]) ** 2)
+        got = np.sum((pruned[i].astype(np.float64) @ xp64 - target[i]) ** 2)
+        assert got <= best * (1 + 1e-4) + 1e-9 * np.sum(target[i] ** 2), i
+    # The blended target is what the answer is closest to: another correction's answer
+    # leaves a larger residual against it.
+    other = 1.0 if correction < 0.5 else 0.0
+    elsewhere = METHODS["fista"](problem, Unstructured(0.5), correction=other).weight
+    residual = lambda w: np.sum((np.asarray(w, np.float64) @ xp64 - target) ** 2)  # noqa: E731
+    assert residual(pruned) < residual(elsewhere)
+
+
+def test_fista_corrected_problem_blends_the_linear_term(layer):
+    weight, x, _ = layer
+    gram, cross = jnp.eye(4) * 2.0, jnp.ones((4, 4))
+    problem = LayerProblem(jnp.ones((3, 4)), gram, cross, 10, "test")
+    assert corrected(problem, 1.0) is problem
+    np.testing.assert_array_equal(corrected(problem, 0.0).target_gram, gram)
+    np.testing.assert_allclose(corrected(problem, 0.25).target_gram, 0.25 * cross + 0.75 * gram)
+    own = problem._replace(cross_gram=None)  # no dense stream: nothing to correct
+    assert corrected(own, 0.25) is own
+    with pytest.raises(JpruneError, match="correction"):
+        METHODS["fista"](problem_of(weight, x), NM(2, 4), correction=1.5)
 
 
 def test_unknown_options_raise(layer):
