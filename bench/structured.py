@@ -52,8 +52,22 @@ def _key(row: dict) -> tuple:
     return (row["model"], row["nsamples"], row["attention"], row["ratio"], row["method"])
 
 
+def label(method: str, correction: float) -> str:
+    """Rows with ``--correction c`` are kept apart as method ``"<method>-c<c>"``."""
+    return method if correction == 0 else f"{method}-c{correction:g}"
+
+
 def run_quality(
-    model_name, path, nsamples, seqlen, attention_ratios, wiki_windows, batch, methods, resume
+    model_name,
+    path,
+    nsamples,
+    seqlen,
+    attention_ratios,
+    wiki_windows,
+    batch,
+    methods,
+    resume,
+    correction=0.0,
 ):
     from jprune.converters.hf import load_model
     from jprune.data import calibration_windows, read_text, tokenize
@@ -92,7 +106,7 @@ def run_quality(
     for attention in (False, True):
         for ratio in RATIOS if not attention else attention_ratios:
             for method in methods:
-                if (model_name, nsamples, attention, ratio, method) in done:
+                if (model_name, nsamples, attention, ratio, label(method, correction)) in done:
                     continue
                 started = time.perf_counter()
                 result = prune_structured(
@@ -101,7 +115,7 @@ def run_quality(
                     calib,
                     method,
                     ratio,
-                    parse_options({"attention": attention}),
+                    parse_options({"attention": attention, "correction": correction}),
                     batch_size=batch,
                 )
                 seconds = time.perf_counter() - started
@@ -113,7 +127,7 @@ def run_quality(
                     path,
                     {
                         **common,
-                        "method": method,
+                        "method": label(method, correction),
                         "ratio": ratio,
                         "attention": attention,
                         "ppl": ppl,
@@ -206,7 +220,9 @@ def render(rows: list[dict]) -> str:
         "construction), so there layer error and perplexity disagree.",
         "",
     ]
-    order = {m: i for i, m in enumerate(("dense", *METHODS))}
+    order_base = ("dense", *METHODS)
+    order = {m: i for i, m in enumerate(order_base)}
+    order |= {m: len(order) for m in {r.get("method") for r in rows} - set(order)}
     for model in dict.fromkeys(r["model"] for r in rows if "model" in r):
         mine = sorted(
             (r for r in rows if r.get("model") == model),
@@ -227,7 +243,10 @@ def render(rows: list[dict]) -> str:
                 f"| {scope} | {r['ratio']:.0%} | {r['method']} | {r['ppl']['tinystories']:.3f} | "
                 f"{r['ppl']['wikitext2']:.2f} | {r['parameters']:,} | {r['seconds']:.1f} |"
             )
-        lines += ["", *_versus(mine, "spap", "fasp"), *_versus(mine, "fasp", "wanda-sp"), ""]
+        lines += ["", *_versus(mine, "spap", "fasp"), *_versus(mine, "fasp", "wanda-sp")]
+        for other in sorted({r["method"] for r in mine} - set(order_base)):
+            lines += _versus(mine, other, "fasp")
+        lines.append("")
     speed = [r for r in rows if r.get("speed")]
     if speed:
         first = speed[0]
@@ -296,6 +315,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--resume", action="store_true", help="skip rows --out already holds")
+    parser.add_argument(
+        "--correction",
+        type=float,
+        default=0.0,
+        help="fasp/spap option correction (rows labelled METHOD-cVALUE)",
+    )
     args = parser.parse_args()
     if args.results is None:
         if args.speed:
@@ -312,6 +337,7 @@ def main() -> None:
                 args.batch,
                 args.methods,
                 args.resume,
+                args.correction,
             )
     else:
         write_section(args.results, render(json.loads(args.out.read_text())))

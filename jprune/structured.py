@@ -27,7 +27,10 @@ columns ``K`` and pruned ``P``:
   chosen and restored as FASP does.
 
 Blocks are pruned in order, each on the inputs of the already-pruned model; inside a block the
-attention channels go first, and the MLP's Grams are taken after them.
+attention channels go first, and the MLP's Grams are taken after them. Option ``correction``
+(fasp, spap; default 0, the papers' target) makes the restoration, and spap's selection, fit
+``W2 (X + correction (X_dense - X))``: part of the upstream pruning error is undone, using a
+second stream of dense-model activations.
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ class StructuredOptions:
     rho0: float = 1e-3
     step: float = 0.01
     max_swaps: int = 1000  # spap: single-swap search after the continuation
+    # fasp / spap: the fraction of the upstream pruning error the restoration undoes, target
+    # W2 (X + correction (X_dense - X)); 0 restores the layer's own output (the papers').
+    correction: float = 0.0
 
 
 class StructuredResult(NamedTuple):
@@ -121,6 +127,8 @@ def parse_options(raw: Mapping[str, Any]) -> StructuredOptions:
         )
     if not isinstance(values.get("attention", False), bool):
         raise JpruneError("option attention must be true or false")
+    if not 0 <= values.get("correction", 0.0) <= 1:
+        raise JpruneError(f"option correction must be in [0, 1], got {values['correction']}")
     return StructuredOptions(**values)
 
 
@@ -213,32 +221,57 @@ def _damped(gram, damp):
     return gram + _ridge_weight(gram, damp) * jnp.eye(gram.shape[0], dtype=gram.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("damp",))
-def restore(W2, gram, keep, damp: float):
-    """``W2 + W2[:, P] G_PK (G_KK + lam I)^-1`` on the kept columns (pruned columns are 0).
+def target_shift(W2, gram, cross, correction: float):
+    """``S = correction W2 (X_dense - X) X^T``: how correcting upstream error moves the target.
 
-    Written as a correction of ``W2`` so a channel whose column is zero, or an empty ``P``,
-    leaves ``W2`` bit-exact.
+    The restoration's target is ``Y = W2 (X + correction (X_dense - X))`` on the pruned model's
+    inputs ``X``; its linear term is ``Y X^T = W2 G + S``. ``None`` (no dense stream, or
+    ``correction == 0``): the layer's own output, ``S = 0``.
     """
-    correction = refit_columns(_damped(gram, damp), jnp.where(keep, 0, W2) @ gram, keep)
+    if cross is None or correction == 0:
+        return None
+    return correction * (W2 @ (cross - gram))
+
+
+def _plus(a, shift):
+    return a if shift is None else a + shift
+
+
+@functools.partial(jax.jit, static_argnames=("damp",))
+def restore(W2, gram, keep, damp: float, shift=None):
+    """``W2 + (W2[:, P] G_PK + S_K) (G_KK + lam I)^-1`` on the kept columns (pruned are 0).
+
+    The minimizer of ``||V X_K - Y||^2 + lam ||V - W2_K||^2`` (``shift``: ``target_shift``).
+    Written as a correction of ``W2`` so a channel whose column is zero, or an empty ``P``
+    with no shift, leaves ``W2`` bit-exact.
+    """
+    linear = _plus(jnp.where(keep, 0, W2) @ gram, shift)
+    correction = refit_columns(_damped(gram, damp), linear, keep)
     return jnp.where(keep, W2 + correction, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("damp",))
-def restoration_objective(W2, gram, keep, damp: float) -> jax.Array:
-    """``min_D ||(W2_K + D) X_K - W2 X||^2 + lam ||D||^2``, the value ``restore`` attains."""
-    delta = restore(W2, gram, keep, damp) - W2  # D on the kept columns, -W2 on the pruned
+def restoration_objective(W2, gram, keep, damp: float, shift=None) -> jax.Array:
+    """``min_D ||(W2_K + D) X_K - Y||^2 + lam ||D||^2 - ||Y - W2 X||^2``, as ``restore`` attains.
+
+    With ``D`` extended by ``-W2`` on the pruned columns, ``(W2 + D) X - Y = D X - E`` with
+    ``E = Y - W2 X``; ``||E||^2`` does not depend on the selection and is left out.
+    """
+    delta = restore(W2, gram, keep, damp, shift) - W2  # D on the kept columns, -W2 on the pruned
     lam = _ridge_weight(gram, damp)
-    return jnp.sum((delta @ gram) * delta) + lam * jnp.sum(jnp.where(keep, delta, 0) ** 2)
+    value = jnp.sum((delta @ gram) * delta) + lam * jnp.sum(jnp.where(keep, delta, 0) ** 2)
+    return value if shift is None else value - 2.0 * jnp.sum(delta * shift)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "damp", "max_swaps", "rtol"))
-def swap_columns(W2, gram, keep, k: int, damp: float, max_swaps: int, rtol: float = 1e-6):
+def swap_columns(
+    W2, gram, keep, k: int, damp: float, max_swaps: int, rtol: float = 1e-6, shift=None
+):
     """Best-improvement single swaps (``solvers.swap_columns``) on the restoration objective.
 
-    With ``M = G + lam I`` and ``C = W2 M`` the restoration's value is
-    ``F(K) = ||W2 X||^2 + lam sum_{j in K} ||W2_:j||^2 - tr(C_K M_KK^-1 C_K^T)``, equal to
-    ``restoration_objective``: the solver's objective with the column cost
+    With ``M = G + lam I`` and ``C = W2 M + S`` the restoration's value is
+    ``F(K) = ||Y||^2 + lam sum_{j in K} ||W2_:j||^2 - tr(C_K M_KK^-1 C_K^T)``, equal to
+    ``restoration_objective`` up to a constant: the solver's objective with the column cost
     ``lam ||W2_:j||^2``. Swaps are made while one lowers ``F`` by more than
     ``rtol ||W2 X||^2``, at most ``max_swaps`` times; ``keep`` must prune exactly ``k``.
     """
@@ -246,7 +279,7 @@ def swap_columns(W2, gram, keep, k: int, damp: float, max_swaps: int, rtol: floa
     lam = _ridge_weight(gram, damp)
     return solver_swap_columns(
         M,
-        W2 @ M,
+        _plus(W2 @ M, shift),
         keep,
         k,
         column_cost=lam * jnp.sum(W2 * W2, axis=0),
@@ -260,8 +293,8 @@ def _keep_top(scores, groups: int, removed: int) -> jax.Array:
     return topk_mask(per_group, per_group.shape[1] - removed).reshape(-1)
 
 
-def _select(method, spec, coupling, weights, grams, groups, width, removed, options):
-    """Kept channels (bool, groups * width) and solver info."""
+def _select(method, spec, coupling, weights, grams, groups, width, removed, options, shift):
+    """Kept channels (bool, groups * width) and solver info; ``shift``: ``target_shift``."""
     W2 = weights[coupling.consumer]
     columns = jnp.asarray(_column_channels(spec, coupling, groups, width))
     n_channels = groups * width
@@ -271,7 +304,7 @@ def _select(method, spec, coupling, weights, grams, groups, width, removed, opti
         gram, damped = grams[coupling.tap], _damped(grams[coupling.tap], options.damp)
         pruned, _, info = select_columns(
             damped,
-            W2 @ damped,
+            _plus(W2 @ damped, shift),
             removed,
             swaps=0,  # the swaps below search the restoration's own (ridge) objective
             num_stages=options.num_stages,
@@ -285,14 +318,14 @@ def _select(method, spec, coupling, weights, grams, groups, width, removed, opti
         scores = _column_scores(W2, gram)
         starts = {"continuation": ~pruned, "score": _keep_top(scores, groups, removed)}
         objectives = {
-            name: float(restoration_objective(W2, gram, keep, options.damp))
+            name: float(restoration_objective(W2, gram, keep, options.damp, shift))
             for name, keep in starts.items()
         }
         start = min(objectives, key=objectives.get)
         swapped, swap_info = swap_columns(
-            W2, gram, starts[start], removed, options.damp, options.max_swaps
+            W2, gram, starts[start], removed, options.damp, options.max_swaps, shift=shift
         )
-        objectives["swapped"] = float(restoration_objective(W2, gram, swapped, options.damp))
+        objectives["swapped"] = float(restoration_objective(W2, gram, swapped, options.damp, shift))
         # Swaps are scored by update formulas; the exact objective has the last word, so
         # rounding can never make the result worse than its start.
         keep = swapped if objectives["swapped"] <= objectives[start] else starts[start]
@@ -326,6 +359,34 @@ def _grams(graphdef, state, batches, taps: tuple[str, ...]) -> dict[str, jax.Arr
     return {tap: g["gram"] for tap, g in total.items()}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _cross_gram_batch(graphdef, dense_graphdef, taps, state, dense_state, x, x_dense):
+    """Per tap ``X_dense X^T`` for one batch (the two blocks may differ in widths)."""
+    current = apply_block(graphdef, state, x)[1]
+    dense = apply_block(dense_graphdef, dense_state, x_dense)[1]
+    return {
+        tap: dense[tap].reshape(-1, dense[tap].shape[-1]).T
+        @ current[tap].reshape(-1, current[tap].shape[-1])
+        for tap in taps
+    }
+
+
+def _cross_grams(graphdef, state, batches, dense) -> Callable[[str], jax.Array]:
+    """``X_dense X^T`` of a tap, summed over the batches of the two streams."""
+    dense_graphdef, dense_state, dense_batches = dense
+
+    def of(tap: str) -> jax.Array:
+        total = 0.0
+        for x, x_dense in zip(batches, dense_batches, strict=True):
+            part = _cross_gram_batch(
+                graphdef, dense_graphdef, (tap,), state, dense_state, x, x_dense
+            )
+            total = total + part[tap]
+        return total
+
+    return of
+
+
 def _tap_mean(graphdef, state, batches, tap: str) -> jax.Array:
     total, count = 0.0, 0
     for x in batches:
@@ -335,8 +396,14 @@ def _tap_mean(graphdef, state, batches, tap: str) -> jax.Array:
     return total / count
 
 
-def _prune_coupling(method, spec, arrays, i, coupling, ratio, graphdef, state, batches, options):
-    """Choose and remove one coupling's channels in layer ``i``; update ``arrays``; a record."""
+def _prune_coupling(
+    method, spec, arrays, i, coupling, ratio, graphdef, state, batches, options, dense=None
+):
+    """Choose and remove one coupling's channels in layer ``i``; update ``arrays``; a record.
+
+    ``dense``: ``(graphdef, state, batches)`` of the dense model's block ``i`` and its inputs,
+    when the restoration corrects upstream error (``correction > 0``).
+    """
     prefix = f"layers.{i}"
     taps = sorted({coupling.tap, coupling.producer_tap})
     grams = _grams(graphdef, state, batches, tuple(taps))
@@ -344,13 +411,22 @@ def _prune_coupling(method, spec, arrays, i, coupling, ratio, graphdef, state, b
         role: jnp.asarray(arrays[f"{prefix}.{role}.weight"], jnp.float32)
         for role in (*coupling.producers, coupling.consumer)
     }
+    W2, gram = weights[coupling.consumer], grams[coupling.tap]
+    correction = options.correction
+    cross = (
+        None
+        if dense is None or correction == 0
+        else _cross_grams(graphdef, state, batches, dense)(coupling.tap)
+    )
+    shift = target_shift(W2, gram, cross, correction)
     groups, width = _channel_groups(spec, coupling, arrays, i)
     removed = num_removed(ratio, width)
     started = time.perf_counter()
-    keep, info = _select(method, spec, coupling, weights, grams, groups, width, removed, options)
+    keep, info = _select(
+        method, spec, coupling, weights, grams, groups, width, removed, options, shift
+    )
     columns = _column_channels(spec, coupling, groups, width)
     keep_cols = keep[jnp.asarray(columns)]
-    W2, gram = weights[coupling.consumer], grams[coupling.tap]
     bias_name = f"{prefix}.{coupling.consumer}.bias"
     if method == "wanda-sp":
         new_W2 = jnp.where(keep_cols, W2, 0)
@@ -361,7 +437,7 @@ def _prune_coupling(method, spec, arrays, i, coupling, ratio, graphdef, state, b
                 arrays[bias_name] + shift.astype(arrays[bias_name].dtype)
             )
     else:
-        new_W2 = restore(W2, gram, keep_cols, options.damp)
+        new_W2 = restore(W2, gram, keep_cols, options.damp, shift)
     new_W2 = jax.block_until_ready(new_W2)
     seconds = time.perf_counter() - started
     error, reference = reconstruction_error(new_W2, W2, gram, None, gram)
@@ -406,6 +482,8 @@ def prune_structured(
         raise JpruneError(
             f"{method!r} is not a structured method ({', '.join(STRUCTURED_METHODS)})"
         )
+    if method == "wanda-sp" and options.correction > 0:
+        raise JpruneError("wanda-sp restores nothing; option correction is for fasp and spap")
     spec = model.spec
     arrays = {k: np.asarray(v) for k, v in named_arrays(model).items()}
     check_target(spec, arrays, sparsity, options, hf_config)
@@ -414,8 +492,15 @@ def prune_structured(
     batches = [
         embed_tokens(model, ids[s : s + batch_size]) for s in range(0, ids.shape[0], batch_size)
     ]
+    # The dense model's stream, when the restoration corrects upstream error. ``arrays`` is
+    # updated by replacing entries, so this shallow copy keeps the dense weights.
+    dense_arrays = dict(arrays) if options.correction > 0 else None
+    dense_batches = batches
     records = []
     for i in range(spec.num_layers):
+        dense = None
+        if dense_arrays is not None:
+            dense = (*nnx.split(Block(dense_arrays, f"layers.{i}", spec)), dense_batches)
         for coupling in couplings(spec, options.attention):
             if progress is not None:
                 progress(f"block {i}: {coupling.name}", i, spec.num_layers)
@@ -431,11 +516,14 @@ def prune_structured(
                 state,
                 batches,
                 options,
+                dense,
             )
             consumer = f"layers.{i}.{coupling.consumer}"
             records.append({"name": hf_names(consumer) if hf_names else consumer, **record})
         graphdef, state = nnx.split(Block(arrays, f"layers.{i}", spec))
         batches = [apply_block(graphdef, state, x)[0] for x in batches]
+        if dense is not None:
+            dense_batches = [apply_block(dense[0], dense[1], x)[0] for x in dense_batches]
     if progress is not None:
         progress("done", spec.num_layers, spec.num_layers)
     widths = [arrays[f"layers.{i}.down.weight"].shape[1] for i in range(spec.num_layers)]

@@ -22,7 +22,9 @@ from jprune.structured import (
     parse_options,
     prune_structured,
     restoration_objective,
+    restore,
     swap_columns,
+    target_shift,
 )
 
 from conftest import CALIB_TEXT, STORIES260K
@@ -59,6 +61,33 @@ def test_ratio_zero_reproduces_the_dense_model(zoo, method):
     )
     np.testing.assert_array_equal(np.asarray(logits(result.model, ids)), dense)
     assert parameter_count(result.model) == parameter_count(net)
+
+
+@pytest.mark.parametrize("method", ["fasp", "spap"])
+def test_ratio_zero_with_correction_reproduces_the_dense_model(zoo, method):
+    """Nothing pruned upstream, so there is no error to correct (``X_dense == X``)."""
+    net, config = load_model(zoo["llama3-gqa"])
+    ids = _ids(net.spec.vocab_size)
+    options = parse_options({"attention": True, "correction": 0.5})
+    result = prune_structured(net, config, _calibration(net.spec.vocab_size), method, 0.0, options)
+    np.testing.assert_array_equal(
+        np.asarray(logits(result.model, ids)), np.asarray(logits(net, ids))
+    )
+
+
+def test_correction_is_refused_out_of_range_and_for_wanda_sp(zoo):
+    net, config = load_model(zoo["llama3-gqa"])
+    with pytest.raises(JpruneError, match="correction must be in"):
+        parse_options({"correction": 1.5})
+    with pytest.raises(JpruneError, match="wanda-sp restores nothing"):
+        prune_structured(
+            net,
+            config,
+            _calibration(net.spec.vocab_size),
+            "wanda-sp",
+            0.2,
+            parse_options({"correction": 0.5}),
+        )
 
 
 def _zero_channel(net: CausalLM, coupling: str) -> CausalLM:
@@ -213,14 +242,66 @@ def test_architecture_without_an_exportable_pair_is_refused(zoo):
         )
 
 
-def _restoration_reference(W2, X, keep, damp):
-    """``min_D ||(W2_K + D) X_K - W2 X||^2 + lam ||D||^2`` by NumPy least squares on the data."""
+def _restoration_reference(W2, X, keep, damp, error=None, with_weights=False):
+    """``min_D ||(W2_K + D) X_K - Y||^2 + lam ||D||^2`` by NumPy least squares on the data.
+
+    ``Y = W2 X + error`` (``error``: what correcting upstream error adds to the target).
+    """
     lam = damp * np.mean(np.sum(X * X, axis=1))
     XK = X[keep]
+    residual = W2[:, ~keep] @ X[~keep] + (0 if error is None else error)
     design = np.vstack([XK.T, np.sqrt(lam) * np.eye(XK.shape[0])])
-    target = np.vstack([(W2[:, ~keep] @ X[~keep]).T, np.zeros((XK.shape[0], W2.shape[0]))])
+    target = np.vstack([residual.T, np.zeros((XK.shape[0], W2.shape[0]))])
     D = np.linalg.lstsq(design, target, rcond=None)[0].T
-    return float(np.sum((D @ XK - W2[:, ~keep] @ X[~keep]) ** 2) + lam * np.sum(D * D))
+    value = float(np.sum((D @ XK - residual) ** 2) + lam * np.sum(D * D))
+    return (value, W2[:, keep] + D) if with_weights else value
+
+
+def test_restoration_with_a_corrected_target():
+    """With ``correction c`` the restoration fits ``Y = W2 (X + c (X_dense - X))``: its weights
+    and objective (up to the selection-independent ``||Y - W2 X||^2``) match NumPy least
+    squares, and the swap search takes the best swap of that objective."""
+    n, k, damp, c = 9, 4, 0.01, 0.25
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(7)
+        X_dense = rng.standard_normal((n, 40)) * rng.uniform(0.2, 2.0, (n, 1))
+        X = X_dense + 0.3 * rng.standard_normal((n, n)) @ X_dense / np.sqrt(n)
+        W2 = rng.standard_normal((5, n))
+        G, cross = jnp.asarray(X @ X.T), jnp.asarray(X_dense @ X.T)
+        shift = target_shift(jnp.asarray(W2), G, cross, c)
+        error = c * W2 @ (X_dense - X)
+        assert target_shift(jnp.asarray(W2), G, cross, 0.0) is None
+        assert target_shift(jnp.asarray(W2), G, None, c) is None
+
+        def F(keep):
+            return _restoration_reference(W2, X, keep, damp, error) - np.sum(error**2)
+
+        keeps = [~np.isin(np.arange(n), cols) for cols in itertools.combinations(range(n), k)]
+        start = keeps[int(np.argmax([F(keep) for keep in keeps]))]
+        _, weights = _restoration_reference(W2, X, start, damp, error, with_weights=True)
+        restored = np.asarray(restore(jnp.asarray(W2), G, jnp.asarray(start), damp, shift))
+        np.testing.assert_allclose(restored[:, start], weights, rtol=1e-9, atol=1e-12)
+        assert not restored[:, ~start].any()
+        np.testing.assert_allclose(
+            float(restoration_objective(jnp.asarray(W2), G, jnp.asarray(start), damp, shift)),
+            F(start),
+            rtol=1e-9,
+        )
+        swaps = {
+            (j, p): F(_swapped(start, j, p))
+            for j in np.flatnonzero(start)
+            for p in np.flatnonzero(~start)
+        }
+        one, _ = swap_columns(jnp.asarray(W2), G, jnp.asarray(start), k, damp, 1, shift=shift)
+        np.testing.assert_array_equal(np.asarray(one), _swapped(start, *min(swaps, key=swaps.get)))
+        keep, (_, local) = swap_columns(
+            jnp.asarray(W2), G, jnp.asarray(start), k, damp, 100, shift=shift
+        )
+        keep = np.asarray(keep)
+        neighbours = [
+            F(_swapped(keep, j, p)) for j in np.flatnonzero(keep) for p in np.flatnonzero(~keep)
+        ]
+        assert bool(local) and min(neighbours) >= F(keep) - 1e-9 * abs(F(keep))
 
 
 def _swapped(keep, j, p):
