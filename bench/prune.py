@@ -48,6 +48,10 @@ METHODS = {
     "wanda": ("wanda", {}),
     "sparsegpt": ("sparsegpt", {}),
     "fista": ("fista", {}),
+    # How much upstream error fista undoes (default 0.25; 1 is the paper's dense target).
+    "fista-c0": ("fista", {"correction": 0.0}),
+    "fista-c0.5": ("fista", {"correction": 0.5}),
+    "fista-c1": ("fista", {"correction": 1.0}),
     "fista-paper": ("fista", {"refit": False, "correction": 1.0}),
     "optima-wanda": ("optima", {"mask_from": "wanda"}),
     "optima-sparsegpt": ("optima", {"mask_from": "sparsegpt"}),
@@ -114,7 +118,25 @@ def _fmt(value, digits=2):
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def earlier_text() -> tuple[list[str], str]:
+    """The section's command list and the notes under it, so a new run adds to them.
+
+    Notes are the hand-written paragraphs between the command block and the first table.
+    """
+    if not RESULTS_MD.exists() or SECTION not in RESULTS_MD.read_text():
+        return [], ""
+    section = RESULTS_MD.read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
+    if "```" not in section:
+        return [], ""
+    _, block, rest = section.split("```", 2)
+    notes = rest.split("\n### ", 1)[0].strip("\n")
+    return [line.rstrip() for line in block.strip("\n").splitlines()], notes
+
+
 def render(results: list[dict], args) -> str:
+    commands, notes = earlier_text()
+    if "    " + args.command not in commands:
+        commands.append("    " + args.command)
     lines = [
         SECTION,
         "",
@@ -128,9 +150,10 @@ def render(results: list[dict], args) -> str:
         "compile included), then fista's as a multiple of sparsegpt's.",
         "",
         "```",
-        "    " + args.command,
+        *commands,
         "```",
         "",
+        *([notes, ""] if notes else []),
     ]
     for model in sorted({r["model"] for r in results if r.get("method") != "dense"}):
         dense = next((r for r in results if r["model"] == model and r["method"] == "dense"), None)
