@@ -52,9 +52,10 @@ def _key(row: dict) -> tuple:
     return (row["model"], row["nsamples"], row["attention"], row["ratio"], row["method"])
 
 
-def label(method: str, correction: float) -> str:
-    """Rows with ``--correction c`` are kept apart as method ``"<method>-c<c>"``."""
-    return method if correction == 0 else f"{method}-c{correction:g}"
+def label(method: str, correction: float, swap_rtol: float | None = None) -> str:
+    """Rows with ``--correction c`` / ``--swap-rtol r`` are kept apart as ``spap-c<c>-rtol<r>``."""
+    name = method if correction == 0 else f"{method}-c{correction:g}"
+    return name if swap_rtol is None else f"{name}-rtol{swap_rtol:g}"
 
 
 def run_quality(
@@ -68,6 +69,7 @@ def run_quality(
     methods,
     resume,
     correction=0.0,
+    swap_rtol=None,
 ):
     from jprune.converters.hf import load_model
     from jprune.data import calibration_windows, read_text, tokenize
@@ -106,8 +108,12 @@ def run_quality(
     for attention in (False, True):
         for ratio in RATIOS if not attention else attention_ratios:
             for method in methods:
-                if (model_name, nsamples, attention, ratio, label(method, correction)) in done:
+                name = label(method, correction, swap_rtol)
+                if (model_name, nsamples, attention, ratio, name) in done:
                     continue
+                options = {"attention": attention, "correction": correction}
+                if swap_rtol is not None:
+                    options["swap_rtol"] = swap_rtol
                 started = time.perf_counter()
                 result = prune_structured(
                     net,
@@ -115,7 +121,7 @@ def run_quality(
                     calib,
                     method,
                     ratio,
-                    parse_options({"attention": attention, "correction": correction}),
+                    parse_options(options),
                     batch_size=batch,
                 )
                 seconds = time.perf_counter() - started
@@ -127,7 +133,7 @@ def run_quality(
                     path,
                     {
                         **common,
-                        "method": label(method, correction),
+                        "method": name,
                         "ratio": ratio,
                         "attention": attention,
                         "ppl": ppl,
@@ -209,6 +215,12 @@ def render(rows: list[dict]) -> str:
         "bench/RESULTS.md`. WikiText-2 is its first 128 windows, for time. The `--resume` run "
         "shared the 2 cores with other jobs (1-minute load average 5-8): compare times within a "
         "table only roughly.",
+        "",
+        "Fourth session, option studies (rows labelled `spap-c0.25`, `spap-rtol...`; times "
+        "measured next to other jobs): `bench/structured.py --out bench/structured.json "
+        "--models stories260K --nsamples 128 --methods spap --correction 0.25 --resume`, the "
+        "same for stories-mini with `--attention-ratios` (none: MLP only), and for stories260K "
+        "`--swap-rtol 1e-4` and `--swap-rtol 1e-3` in place of `--correction 0.25`.",
         "",
         "spap is the penalty continuation of SPAP, then an exact best-improvement single-swap "
         "search on the layer's restoration objective, started from the better of the "
@@ -321,6 +333,12 @@ def main() -> None:
         default=0.0,
         help="fasp/spap option correction (rows labelled METHOD-cVALUE)",
     )
+    parser.add_argument(
+        "--swap-rtol",
+        type=float,
+        help="spap option swap_rtol, the smallest relative gain a swap must make (default 1e-6; "
+        "rows labelled METHOD-rtolVALUE)",
+    )
     args = parser.parse_args()
     if args.results is None:
         if args.speed:
@@ -338,6 +356,7 @@ def main() -> None:
                 args.methods,
                 args.resume,
                 args.correction,
+                args.swap_rtol,
             )
     else:
         write_section(args.results, render(json.loads(args.out.read_text())))

@@ -90,6 +90,7 @@ class StructuredOptions:
     rho0: float = 1e-3
     step: float = 0.01
     max_swaps: int = 1000  # spap: single-swap search after the continuation
+    swap_rtol: float = 1e-6  # spap: a swap must lower the objective by this times ||W2 X||^2
     # fasp / spap: the fraction of the upstream pruning error the restoration undoes, target
     # W2 (X + correction (X_dense - X)); 0 restores the layer's own output (the papers').
     correction: float = 0.0
@@ -323,7 +324,14 @@ def _select(method, spec, coupling, weights, grams, groups, width, removed, opti
         }
         start = min(objectives, key=objectives.get)
         swapped, swap_info = swap_columns(
-            W2, gram, starts[start], removed, options.damp, options.max_swaps, shift=shift
+            W2,
+            gram,
+            starts[start],
+            removed,
+            options.damp,
+            options.max_swaps,
+            rtol=options.swap_rtol,
+            shift=shift,
         )
         objectives["swapped"] = float(restoration_objective(W2, gram, swapped, options.damp, shift))
         # Swaps are scored by update formulas; the exact objective has the last word, so

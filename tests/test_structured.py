@@ -75,6 +75,18 @@ def test_ratio_zero_with_correction_reproduces_the_dense_model(zoo, method):
     )
 
 
+def test_swap_rtol_sets_the_smallest_gain_a_swap_must_make(zoo):
+    """No swap can lower the objective by more than all of ``||W2 X||^2``: none is made."""
+    net, config = load_model(zoo["llama3-gqa"])
+    calibration = _calibration(net.spec.vocab_size)
+    strict = prune_structured(
+        net, config, calibration, "spap", 0.25, parse_options({"swap_rtol": 1.0})
+    )
+    assert [r["info"]["swaps"] for r in strict.records] == [0] * net.spec.num_layers
+    default = prune_structured(net, config, calibration, "spap", 0.25, parse_options({}))
+    assert sum(r["info"]["swaps"] for r in default.records) > 0  # the default does swap here
+
+
 def test_correction_is_refused_out_of_range_and_for_wanda_sp(zoo):
     net, config = load_model(zoo["llama3-gqa"])
     with pytest.raises(JpruneError, match="correction must be in"):
