@@ -83,8 +83,10 @@ def test_swap_rtol_sets_the_smallest_gain_a_swap_must_make(zoo):
         net, config, calibration, "spap", 0.25, parse_options({"swap_rtol": 1.0})
     )
     assert [r["info"]["swaps"] for r in strict.records] == [0] * net.spec.num_layers
-    default = prune_structured(net, config, calibration, "spap", 0.25, parse_options({}))
-    assert sum(r["info"]["swaps"] for r in default.records) > 0  # the default does swap here
+    loose = prune_structured(
+        net, config, calibration, "spap", 0.25, parse_options({"swap_rtol": 1e-6})
+    )
+    assert sum(r["info"]["swaps"] for r in loose.records) > 0  # swaps are made here
 
 
 def test_correction_is_refused_out_of_range_and_for_wanda_sp(zoo):
