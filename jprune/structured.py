@@ -21,10 +21,11 @@ columns ``K`` and pruned ``P``:
   W steps and capped-simplex s steps). The continuation's selection and the column score's
   are compared by the restoration objective (the error the restored ``W2`` leaves, plus its
   ridge); the better one is improved by exact best-improvement single swaps
-  (``swap_columns``) until no swap lowers that objective, then restored as FASP does. So spap
-  ends in a single-swap local minimum of the layer problem that is never worse than FASP's
-  selection under the same restoration. Attention channels, outside the SPAP model, are
-  chosen and restored as FASP does.
+  (``swap_columns``) until no swap lowers that objective by ``swap_rtol`` of ``||W2 X||^2``,
+  then restored as FASP does. So spap ends in a single-swap local minimum of the layer
+  problem, up to that tolerance, that is never worse than FASP's selection under the same
+  restoration. Attention channels, outside the SPAP model, are chosen and restored as FASP
+  does.
 
 Blocks are pruned in order, each on the inputs of the already-pruned model; inside a block the
 attention channels go first, and the MLP's Grams are taken after them. Option ``correction``
@@ -132,8 +133,11 @@ def parse_options(raw: Mapping[str, Any]) -> StructuredOptions:
         )
     if not isinstance(values.get("attention", False), bool):
         raise JpruneError("option attention must be true or false")
-    if not 0 <= values.get("correction", 0.0) <= 1:
-        raise JpruneError(f"option correction must be in [0, 1], got {values['correction']}")
+    correction = values.get("correction", 0.0)
+    if isinstance(correction, bool) or not isinstance(correction, int | float):
+        raise JpruneError(f"option correction must be a number in [0, 1], got {correction!r}")
+    if not 0 <= correction <= 1:
+        raise JpruneError(f"option correction must be in [0, 1], got {correction}")
     return StructuredOptions(**values)
 
 
@@ -383,20 +387,14 @@ def _cross_gram_batch(graphdef, dense_graphdef, taps, state, dense_state, x, x_d
     }
 
 
-def _cross_grams(graphdef, state, batches, dense) -> Callable[[str], jax.Array]:
+def _cross_gram(graphdef, state, batches, dense, tap: str) -> jax.Array:
     """``X_dense X^T`` of a tap, summed over the batches of the two streams."""
     dense_graphdef, dense_state, dense_batches = dense
-
-    def of(tap: str) -> jax.Array:
-        total = 0.0
-        for x, x_dense in zip(batches, dense_batches, strict=True):
-            part = _cross_gram_batch(
-                graphdef, dense_graphdef, (tap,), state, dense_state, x, x_dense
-            )
-            total = total + part[tap]
-        return total
-
-    return of
+    total = 0.0
+    for x, x_dense in zip(batches, dense_batches, strict=True):
+        part = _cross_gram_batch(graphdef, dense_graphdef, (tap,), state, dense_state, x, x_dense)
+        total = total + part[tap]
+    return total
 
 
 def _tap_mean(graphdef, state, batches, tap: str) -> jax.Array:
@@ -424,13 +422,10 @@ def _prune_coupling(
         for role in (*coupling.producers, coupling.consumer)
     }
     W2, gram = weights[coupling.consumer], grams[coupling.tap]
-    correction = options.correction
-    cross = (
-        None
-        if dense is None or correction == 0
-        else _cross_grams(graphdef, state, batches, dense)(coupling.tap)
-    )
-    shift = target_shift(W2, gram, cross, correction)
+    cross = None
+    if dense is not None and options.correction > 0:
+        cross = _cross_gram(graphdef, state, batches, dense, coupling.tap)
+    shift = target_shift(W2, gram, cross, options.correction)
     groups, width = _channel_groups(spec, coupling, arrays, i)
     removed = num_removed(ratio, width)
     started = time.perf_counter()
@@ -444,9 +439,9 @@ def _prune_coupling(
         new_W2 = jnp.where(keep_cols, W2, 0)
         if bias_name in arrays:
             mean = _tap_mean(graphdef, state, batches, coupling.tap)
-            shift = jnp.where(keep_cols, 0, W2) @ mean
+            bias_shift = jnp.where(keep_cols, 0, W2) @ mean
             arrays[bias_name] = np.asarray(
-                arrays[bias_name] + shift.astype(arrays[bias_name].dtype)
+                arrays[bias_name] + bias_shift.astype(arrays[bias_name].dtype)
             )
     else:
         new_W2 = restore(W2, gram, keep_cols, options.damp, shift)

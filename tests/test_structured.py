@@ -93,6 +93,8 @@ def test_correction_is_refused_out_of_range_and_for_wanda_sp(zoo):
     net, config = load_model(zoo["llama3-gqa"])
     with pytest.raises(JpruneError, match="correction must be in"):
         parse_options({"correction": 1.5})
+    with pytest.raises(JpruneError, match="must be a number"):
+        parse_options({"correction": "half"})
     with pytest.raises(JpruneError, match="wanda-sp restores nothing"):
         prune_structured(
             net,
