@@ -123,9 +123,10 @@ def earlier_text() -> tuple[list[str], str]:
 
     Notes are the hand-written paragraphs between the command block and the first table.
     """
-    if not RESULTS_MD.exists() or SECTION not in RESULTS_MD.read_text():
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
+    if SECTION not in text:
         return [], ""
-    section = RESULTS_MD.read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
+    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     if "```" not in section:
         return [], ""
     _, block, rest = section.split("```", 2)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from ._fista import LassoInfo, run_lasso
 from ._implicit import lasso_solution
-from ._loop import row_scale, run_loop
+from ._loop import advance_active_rows, row_scale, run_loop
 from ._quadratic import extreme_eigenvalues
 from ._sparsity import prox_l1
 
@@ -96,16 +96,7 @@ def admm_iterations(maxiter, tol, H, C, lam, W0, mask, factors: Factorization):
         U = s.U + W - Z
         primal = jnp.linalg.norm(W - Z, axis=-1)
         dual = rho * jnp.linalg.norm(Z - s.Z, axis=-1)
-        active = ~s.converged
-        keep = active[:, None]
-        return ADMMState(
-            W=jnp.where(keep, W, s.W),
-            Z=jnp.where(keep, Z, s.Z),
-            U=jnp.where(keep, U, s.U),
-            iteration=s.iteration + 1,
-            num_steps=s.num_steps + active,
-            converged=s.converged | ((primal <= scale) & (dual <= scale)),
-        )
+        return advance_active_rows(s, (primal <= scale) & (dual <= scale), W=W, Z=Z, U=U)
 
     return run_loop(step, init, maxiter=maxiter)
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._loop import row_scale, run_loop
+from ._loop import advance_active_rows, row_scale, run_loop
 
 
 class APGState(NamedTuple):
@@ -64,15 +64,6 @@ def apg(
         t_new = jnp.where(restart, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.t**2)))
         momentum = jnp.where(restart, 0.0, (s.t - 1.0) / t_new)
         Y_new = W_new + momentum[:, None] * (W_new - s.W)
-        active = ~s.converged
-        keep = active[:, None]
-        return APGState(
-            W=jnp.where(keep, W_new, s.W),
-            Y=jnp.where(keep, Y_new, s.Y),
-            t=jnp.where(active, t_new, s.t),
-            iteration=s.iteration + 1,
-            num_steps=s.num_steps + active,
-            converged=s.converged | (mapping <= scale),
-        )
+        return advance_active_rows(s, mapping <= scale, W=W_new, Y=Y_new, t=t_new)
 
     return run_loop(step, init, maxiter=maxiter)

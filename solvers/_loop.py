@@ -26,6 +26,25 @@ def run_loop(step: Callable[[State], State], state: State, *, maxiter: int) -> S
     return jax.lax.while_loop(keep_going, step, state)
 
 
+def advance_active_rows(old: State, converged_now: jax.Array, **iterates: jax.Array) -> State:
+    """``old`` with the new ``iterates`` taken only by rows still running, counters advanced.
+
+    Each iterate has the row axis first ((m, d) or (m,)); a row that had converged keeps its
+    old values, which is how ``step`` functions freeze finished rows.
+    """
+    active = ~old.converged
+
+    def pick(new: jax.Array, current: jax.Array) -> jax.Array:
+        return jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, current)
+
+    return old._replace(
+        **{name: pick(value, getattr(old, name)) for name, value in iterates.items()},
+        iteration=old.iteration + 1,
+        num_steps=old.num_steps + active,
+        converged=old.converged | converged_now,
+    )
+
+
 def row_scale(B: jax.Array) -> jax.Array:
     """Per-row norm used to make tolerances relative; never zero, so ``0 <= tol * scale``."""
     norm = jnp.linalg.norm(B, axis=-1)
