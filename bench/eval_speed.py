@@ -15,42 +15,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
-import time
 
 import numpy as np
 
+from common import load_average, machine, timed
+
 RTOL = 1e-5
-
-
-def machine() -> str:
-    import jax
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}), "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    )
-
-
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(first-call seconds, min steady-state seconds over ``repeats``, last result)."""
-    start = time.perf_counter()
-    result = fn()
-    first = time.perf_counter() - start
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return first, best, result
 
 
 def torch_perplexity(hf_model, windows: np.ndarray, batch_size: int) -> float:
@@ -84,7 +55,7 @@ def main(argv=None) -> int:
         help="steady-state calls per side; the min is kept (default: 3)",
     )
     args = parser.parse_args(argv)
-    load_before = os.getloadavg()[0]
+    load_before = load_average()[0]
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -98,15 +69,16 @@ def main(argv=None) -> int:
     hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
 
     jax_first, jax_best, ours = timed(
-        lambda: perplexity(model, windows, batch_size=args.batch_size).perplexity, args.repeats
+        lambda: perplexity(model, windows, batch_size=args.batch_size).perplexity,
+        repeats=args.repeats,
     )
     torch_first, torch_best, ref = timed(
-        lambda: torch_perplexity(hf_model, windows, args.batch_size), args.repeats
+        torch_perplexity, hf_model, windows, args.batch_size, repeats=args.repeats
     )
 
     name = os.path.basename(os.path.normpath(args.model))
-    print(f"machine: {machine()}")
-    print(f"1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(f"machine: {machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"1-min load average: {load_before:.2f} before, {load_average()[0]:.2f} after")
     print(f"attention: torch {hf_model.config._attn_implementation}")
     print(
         f"{windows.shape[0]} windows x {args.seqlen} tokens, batch {args.batch_size}, "

@@ -17,29 +17,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import jax
-
 import jprune.prune as jp
+from jprune.config import PruneConfig
 from jprune.converters.hf import load_model
 from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
 from jprune.errors import JpruneError
 from jprune.evaluate import perplexity
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
+from common import ASSETS, BENCH, RESULTS_MD, machine, read_section, write_section
+
 CALIB = ASSETS / "text" / "tinystories_calib.txt"
 TEXTS = {
     "tinystories": ASSETS / "text" / "tinystories_eval.txt",
     "wikitext2": ASSETS / "text" / "wikitext2_raw_test.txt",
 }
-RESULTS_JSON = ROOT / "bench" / "prune_results.json"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+RESULTS_JSON = BENCH / "prune_results.json"
 SECTION = "## Unstructured and N:M pruning"
 
 # label -> (registered method, method options)
@@ -58,17 +54,6 @@ METHODS = {
     "optima-wanda-tol1e-2": ("optima", {"mask_from": "wanda", "tol": 1e-2}),
 }
 TARGETS = ("0.5", "0.6", "0.7", "2:4", "4:8")
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}; jax {jax.__version__} ({jax.default_backend()})"
 
 
 def windows_for(model_dir: Path, wikitext_windows: int) -> dict:
@@ -90,7 +75,7 @@ def run_one(model_dir: Path, label: str, target: str, args, windows: dict) -> di
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned"
         try:
-            report = jp.prune(
+            config = PruneConfig.of(
                 model_dir,
                 method,
                 **target_kwargs,
@@ -101,6 +86,7 @@ def run_one(model_dir: Path, label: str, target: str, args, windows: dict) -> di
                 out=out,
                 method_options=options,
             )
+            report = jp.prune(config)
         except JpruneError as err:
             return entry | {"skipped": str(err)}
         pruned, _ = load_model(out)
@@ -123,10 +109,7 @@ def earlier_text() -> tuple[list[str], str]:
 
     Notes are the hand-written paragraphs between the command block and the first table.
     """
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
-    if SECTION not in text:
-        return [], ""
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    section = read_section(RESULTS_MD, SECTION)
     if "```" not in section:
         return [], ""
     _, block, rest = section.split("```", 2)
@@ -224,17 +207,6 @@ def render(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    current = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    if SECTION in current:
-        head, rest = current.split(SECTION, 1)
-        tail = rest[rest.find("\n## ") :] if "\n## " in rest else ""
-        current = head.rstrip() + "\n\n" + text.rstrip() + "\n" + tail
-    else:
-        current = current.rstrip() + "\n\n" + text.rstrip() + "\n"
-    RESULTS_MD.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -278,14 +250,14 @@ def main() -> None:
                 entry = run_one(model_dir, label, target, args, windows)
                 results.append(entry)
                 RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
-                write_section(render(results, args))
+                write_section(RESULTS_MD, render(results, args))
                 summary = entry.get("skipped") or f"tiny {entry['ppl']['tinystories']:.3f}"
                 print(
                     f"{model_name} {label} {target}: {summary} ({time.perf_counter() - started:.0f} s)",
                     flush=True,
                 )
     RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
-    write_section(render(results, args))
+    write_section(RESULTS_MD, render(results, args))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,7 +32,17 @@ import numpy as np
 from jprune.methods import LayerProblem, get_method
 from jprune.solvers import Unstructured, box_qp, fista
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import (
+    RESULTS_MD,
+    add_matmul_precision,
+    load_text,
+    machine,
+    seconds,
+    timed,
+    use_matmul_precision,
+    write_section,
+)
+
 SECTION = "## Scaling"
 
 # LLaMA-3-8B: hidden 4096, intermediate 14336, 32 query / 8 KV heads of dim 128, 32 blocks.
@@ -60,27 +68,6 @@ CALIB_TOKENS = 128 * 2048
 FISTA_LASSO_ITERS = 13 * 30
 FISTA_REFITS = 11
 OPTIMA_CG_FACTOR = 4
-
-
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0]
-    except (OSError, IndexError):
-        cpu = platform.processor() or platform.machine()
-    device = jax.devices()[0]
-    return (
-        f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__}, backend "
-        f"{jax.default_backend()} ({device.device_kind})"
-    )
-
-
-def load_average() -> str:
-    try:
-        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -127,25 +114,6 @@ def solver_call(name: str, H, C, keep, lam, iters: int):
     return lambda: box_qp(H, C, lower, upper, maxiter=iters, tol=0.0, method="cg")
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(first call incl. compile, min of ``repeats`` warm calls, last output)."""
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return first, best, out
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
 def time_solver(name: str, d_out: int, d_in: int, iters: int, repeats: int, gram=None) -> dict:
     """Warm time of ``iters`` iterations, compile time, and the time per iteration
     ``(t(iters) - t(0)) / iters``: the 0-iteration call is the per-solve setup (power iteration,
@@ -154,14 +122,14 @@ def time_solver(name: str, d_out: int, d_in: int, iters: int, repeats: int, gram
     H, C, keep, lam = layer_problem(d_out, d_in, gram)
     solve = solver_call(name, H, C, keep, lam, iters)
     setup = solver_call(name, H, C, keep, lam, 0)
-    first, _, (_, info) = timed(solve, 0)
+    first, _, (_, info) = timed(solve, repeats=0)
     if int(info.iterations) != iters:
         raise RuntimeError(f"{name} {d_out}x{d_in} stopped after {int(info.iterations)} iterations")
     jax.block_until_ready(setup())
     warm = setup_s = np.inf
     for _ in range(repeats):
-        warm = min(warm, _seconds(solve))
-        setup_s = min(setup_s, _seconds(setup))
+        warm = min(warm, seconds(solve))
+        setup_s = min(setup_s, seconds(setup))
     per_iter = max(warm - setup_s, 1e-9) / iters
     return {
         "solver": name,
@@ -179,7 +147,7 @@ def time_solver(name: str, d_out: int, d_in: int, iters: int, repeats: int, gram
 def time_gram(tokens: int, d_in: int, batch: int, repeats: int) -> dict:
     x = activations(jax.random.key(1), min(batch, tokens), d_in)
     num_batches = max(tokens // x.shape[0], 1)
-    first, warm, _ = timed(lambda: accumulate(x, num_batches), repeats)
+    first, warm, _ = timed(accumulate, x, num_batches, repeats=repeats)
     tokens = num_batches * x.shape[0]
     return {
         "tokens": tokens,
@@ -360,7 +328,7 @@ def projection_lines(per_iter: dict, gram_s: dict, label: str) -> list[str]:
 
 def run_sweeps(args) -> str:
     start = time.perf_counter()
-    loads = [load_average()]
+    loads = [load_text()]
     rows = []
     for d_in in args.d_in:
         for name in ("fista", "box_qp"):
@@ -372,10 +340,10 @@ def run_sweeps(args) -> str:
             rows.append(
                 {"sweep": "d_out", **time_solver(name, d_out, args.fixed, args.iters, args.repeats)}
             )
-    loads.append(load_average())
+    loads.append(load_text())
     grams_t = [time_gram(t, args.fixed, args.gram_batch, args.repeats) for t in args.tokens]
     grams_d = [time_gram(args.gram_batch, d, args.gram_batch, args.repeats) for d in args.d_in]
-    loads.append(load_average())
+    loads.append(load_text())
     rss = measure_rss(args.rss_dim, args.iters) if args.rss_dim else None
     elapsed = time.perf_counter() - start
 
@@ -689,18 +657,6 @@ def run_methods_8b(args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(results: Path, section: str, text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or append it); other sections stay."""
-    current = results.read_text() if results.exists() else "# Benchmark results\n"
-    start = current.find(f"\n{section}\n")
-    if start < 0:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + len(section) + 2)
-        updated = current[: start + 1] + text + ("" if end < 0 else current[end:])
-    results.write_text(updated.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", choices=("sweep", "llama3-8b"), default="sweep")
@@ -726,19 +682,13 @@ def main() -> None:
         "--method-tokens", type=int, default=16384, help="synthetic tokens in a method's Gram"
     )
     parser.add_argument("--json-out", type=Path, help="--methods: append one JSON line per layer")
-    parser.add_argument(
-        "--matmul-precision",
-        choices=("default", "tensorfloat32", "float32"),
-        default="default",
-        help="jax_default_matmul_precision (on GPUs 'default' lets float32 GEMMs use TF32)",
-    )
+    add_matmul_precision(parser)
     parser.add_argument("--quick", action="store_true", help="small sweeps for a smoke test")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_MD)
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--rss-probe", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.matmul_precision != "default":
-        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+    use_matmul_precision(args.matmul_precision)
     if args.rss_probe:
         print(json.dumps(rss_probe(args.rss_probe, args.iters)))
         return
@@ -755,12 +705,11 @@ def main() -> None:
         if args.peak_tflops <= 0:
             parser.error("--shapes llama3-8b needs --peak-tflops (the device's float32 peak)")
         text = run_llama3_8b(args)
-        section = f"{SECTION}: LLaMA-3-8B layer shapes on {jax.devices()[0].device_kind}"
     else:
-        text, section = run_sweeps(args), SECTION
+        text = run_sweeps(args)
     print(text)
     if not args.no_write:
-        write_section(args.results, section, text)
+        write_section(args.results, text)
 
 
 if __name__ == "__main__":

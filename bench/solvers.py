@@ -11,8 +11,6 @@ Device-agnostic JAX: runs on whatever ``jax.devices()[0]`` is.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 
@@ -23,14 +21,7 @@ import numpy as np
 
 from jprune.solvers import box_qp, fista, lasso_admm
 
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]} x{len(names)}"
-    except (OSError, IndexError):
-        return platform.processor() or platform.machine()
+from common import add_matmul_precision, load_average, machine, timed, use_matmul_precision
 
 
 def problem(m, d, seed=0):
@@ -44,16 +35,6 @@ def problem(m, d, seed=0):
     return H, W0 @ H, keep
 
 
-def timed(fn, *args, repeat=3):
-    jax.block_until_ready(fn(*args))  # compile
-    best = np.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def bare_gemms(H, C, k):
     """``k`` bare ``W @ H`` products in a loop, shaped like a solver call for ``per_iteration``
     (one product is dispatch-bound on a GPU; the loop difference cancels dispatch)."""
@@ -65,7 +46,7 @@ def per_iteration(solve, H, C, n):
     """Seconds per iteration: difference of runs of 2n and n iterations (setup cancels)."""
     short = jax.jit(lambda H, C: solve(H, C, n)[0])
     long = jax.jit(lambda H, C: solve(H, C, 2 * n)[0])
-    return max(timed(long, H, C) - timed(short, H, C), 0.0) / n
+    return max(timed(long, H, C).best - timed(short, H, C).best, 0.0) / n
 
 
 def time_to_target(run, target, cap_s, refine_steps=3):
@@ -99,7 +80,7 @@ def time_to_target(run, target, cap_s, refine_steps=3):
 def ours_run(solve, H, C):
     def run(k):
         f = jax.jit(lambda H, C: solve(H, C, k)[1].objective.sum())
-        seconds = timed(f, H, C, repeat=1)
+        seconds = timed(f, H, C, repeats=1).best
         return float(f(H, C)), seconds
 
     return run
@@ -117,7 +98,7 @@ def jaxopt_lasso_run(H, C, lam):
             W = jax.vmap(lambda c: pg.run(jnp.zeros_like(c), lam, c).params)(C)
             return jnp.sum(0.5 * (W @ H) * W - C * W) + lam * jnp.abs(W).sum()
 
-        seconds = timed(solve, C, repeat=1)
+        seconds = timed(solve, C, repeats=1).best
         return float(solve(C)), seconds
 
     return run
@@ -140,7 +121,7 @@ def jaxopt_box_run(H, C, lower, upper):
             W = jnp.clip(W, lower, upper)  # ADMM iterates are only approximately feasible
             return jnp.sum(0.5 * (W @ H) * W - C * W)
 
-        seconds = timed(solve, C, lower, upper, repeat=1)
+        seconds = timed(solve, C, lower, upper, repeats=1).best
         return float(solve(C, lower, upper)), seconds
 
     return run
@@ -214,23 +195,12 @@ def main():
         help="do not time vmapped jaxopt BoxOSQP (at d >= 1024 it holds a d x d matrix per row "
         "and runs for many minutes before the cap applies)",
     )
-    parser.add_argument(
-        "--matmul-precision",
-        choices=("default", "tensorfloat32", "float32"),
-        default="default",
-        help="jax_default_matmul_precision (on GPUs 'default' lets float32 GEMMs use TF32)",
-    )
+    add_matmul_precision(parser)
     args = parser.parse_args()
-    if args.matmul_precision != "default":
-        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+    use_matmul_precision(args.matmul_precision)
     shapes = ["256x256"] if args.quick else args.shapes
-    device = jax.devices()[0]
-    print(f"platform: {platform.platform()}; cpu: {cpu_model()}")
-    print(
-        f"jax {jax.__version__}, device: {device.platform} ({device.device_kind}), "
-        f"matmul precision: {args.matmul_precision}"
-    )
-    print(f"load average at start: {os.getloadavg()[0]:.1f} (timings are wall clock)")
+    print(f"machine: {machine()}; matmul precision: {args.matmul_precision}")
+    print(f"load average at start: {load_average()[0]:.1f} (timings are wall clock)")
     print(
         "| m x d | GEMM ms | fista it / GEMM | lasso_admm it / GEMM | box_qp cg it / GEMM "
         "| box_qp apg it / GEMM | lasso to tol: fista s (iters) / lasso_admm s (iters) / jaxopt s "

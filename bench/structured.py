@@ -16,8 +16,8 @@ Rows are appended to the JSON as they finish, so an interrupted run keeps what i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -25,11 +25,30 @@ from pathlib import Path
 
 import numpy as np
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+from common import ASSETS, load_average, seconds, write_section
+
 TEXTS = {"tinystories": "tinystories_eval.txt", "wikitext2": "wikitext2_raw_test.txt"}
 RATIOS = (0.1, 0.2, 0.3, 0.5)
 METHODS = ("wanda-sp", "fasp", "spap")
 SECTION = "## Structured pruning"
+
+
+def prune_structured(net, hf_config, calibration, method, ratio, options, batch_size=8):
+    """The engine on an in-memory model (pruned in place): (model, records, config, files)."""
+    from jprune.engine import EngineOptions, prune_model
+    from jprune.methods import get_method
+    from jprune.structured import Channels
+
+    chosen = get_method(method)
+    return prune_model(
+        net,
+        calibration,
+        chosen,
+        Channels(ratio),
+        chosen.parse_options(options),
+        EngineOptions(batch_size=batch_size),
+        hf_config=hf_config,
+    )
 
 
 def _windows(model_dir, seqlen: int, max_windows: dict[str, int | None]):
@@ -74,8 +93,7 @@ def run_quality(
     from jprune.converters.hf import load_model
     from jprune.data import calibration_windows, read_text, tokenize
     from jprune.evaluate import perplexity
-    from jprune.model import parameter_count
-    from jprune.structured import parse_options, prune_structured
+    from jprune.model import CausalLM, named_arrays, parameter_count
 
     model_dir = ASSETS / "models" / model_name
     net, config = load_model(model_dir)
@@ -116,12 +134,12 @@ def run_quality(
                     options["swap_rtol"] = swap_rtol
                 started = time.perf_counter()
                 result = prune_structured(
-                    net,
+                    CausalLM(net.spec, named_arrays(net)),  # the engine prunes in place
                     config,
                     calib,
                     method,
                     ratio,
-                    parse_options(options),
+                    options,
                     batch_size=batch,
                 )
                 seconds = time.perf_counter() - started
@@ -150,14 +168,13 @@ def run_speed(path, ratio, shapes, reps, nsamples, threads):
 
     from jprune.converters.hf import load_model, save_model
     from jprune.data import calibration_windows, load_tokenizer, read_text, tokenize
-    from jprune.structured import parse_options, prune_structured
 
     model_dir = ASSETS / "models" / "stories-mini"
     net, config = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     text = read_text(ASSETS / "text" / "tinystories_calib.txt", split="train")
     calib = calibration_windows(tokenize(tokenizer, text), nsamples, 512, 0)
-    result = prune_structured(net, config, calib, "fasp", ratio, parse_options({}))
+    result = prune_structured(net, config, calib, "fasp", ratio, {})
     with tempfile.TemporaryDirectory() as tmp:
         out = save_model(
             result.model, config, Path(tmp) / "pruned", config_updates=result.config_updates
@@ -176,9 +193,7 @@ def run_speed(path, ratio, shapes, reps, nsamples, threads):
                     model(ids)  # warm-up
                 for _ in range(reps):
                     for name, model in models.items():
-                        started = time.perf_counter()
-                        model(ids)
-                        times[name].append(time.perf_counter() - started)
+                        times[name].append(seconds(functools.partial(model, ids)))
             tps = {k: batch * seq / statistics.median(v) for k, v in times.items()}
             params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
             _append(
@@ -192,7 +207,7 @@ def run_speed(path, ratio, shapes, reps, nsamples, threads):
                     "threads": num_threads,
                     "tokens_per_s": tps,
                     "speedup": tps["pruned"] / tps["dense"],
-                    "load_average": os.getloadavg()[0],
+                    "load_average": load_average()[0],
                     "parameters": params,
                 },
             )
@@ -315,18 +330,6 @@ def _versus(rows: list[dict], method: str, other: str) -> list[str]:
         line = f"- {method} <= {other} on {label}: {held} of {len(pairs)} settings"
         lines.append(line + (f"; not at {', '.join(missed)}." if missed else "."))
     return lines
-
-
-def write_section(results: Path, text: str) -> None:
-    """Replace this benchmark's section of RESULTS.md (or append it); other sections stay."""
-    current = results.read_text() if results.exists() else "# Benchmark results\n"
-    start = current.find(SECTION)
-    if start < 0:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + len(SECTION))
-        updated = current[:start] + text + ("" if end < 0 else current[end:])
-    results.write_text(updated.rstrip("\n") + "\n")
 
 
 def main() -> None:

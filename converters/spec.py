@@ -17,6 +17,24 @@ import numpy as np
 
 from jprune.errors import JpruneError
 
+# The linears of a decoder block, each with the input ("tap") that feeds it: the one list the
+# model, the engine and the methods read.
+LINEAR_INPUTS = {
+    "q": "attn_in",
+    "k": "attn_in",
+    "v": "attn_in",
+    "o": "o_in",
+    "gate": "mlp_in",
+    "up": "mlp_in",
+    "down": "down_in",
+}
+
+
+def block_linear_names(spec: ModelSpec) -> tuple[str, ...]:
+    """The prunable linears of a block, in forward order."""
+    mlp = ("gate", "up", "down") if spec.gated_mlp else ("up", "down")
+    return ("q", "k", "v", "o", *mlp)
+
 
 class UnsupportedModelError(JpruneError):
     """The checkpoint uses an architecture, field or value jprune does not implement."""

@@ -61,17 +61,84 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_option(text: str) -> tuple[str, object]:
-    if "=" not in text:
+def _method_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
         raise argparse.ArgumentTypeError(f"method option {text!r} is not KEY=VALUE")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+    return key.strip(), value
+
+
+# --flag -> (config section, key); flags left out of the command line keep the --config value.
+FLAG_FIELDS = {
+    "model": ("model", "path"),
+    "dtype": ("model", "dtype"),
+    "method": ("target", "method"),
+    "scope": ("target", "scope"),
+    "calib": ("calibration", "text"),
+    "nsamples": ("calibration", "nsamples"),
+    "seqlen": ("calibration", "seqlen"),
+    "seed": ("calibration", "seed"),
+    "intra_block": ("engine", "intra_block"),
+    "batch_size": ("engine", "batch_size"),
+    "mesh": ("engine", "mesh"),
+    "offload": ("engine", "offload"),
+    "row_blocks": ("engine", "row_blocks"),
+    "matmul_precision": ("engine", "matmul_precision"),
+    "eval": ("evaluation", "texts"),
+    "eval_seqlen": ("evaluation", "seqlen"),
+    "out": ("output", "out"),
+    "force": ("output", "force"),
+}
+
+
+def prune_config(args: argparse.Namespace):
+    """The run's configuration: the --config file, then every flag given on the command line."""
+    from jprune.config import PruneConfig, read_config
+
+    data = read_config(args.config) if args.config else {}
+    data = {name: dict(section or {}) for name, section in data.items()}
+
+    def put(section: str, key: str, value) -> None:
+        data.setdefault(section, {})[key] = value
+
+    for flag, (section, key) in FLAG_FIELDS.items():
+        if getattr(args, flag) is not None:
+            put(section, key, getattr(args, flag))
+    if args.parallel_blocks:
+        put("engine", "sequential", False)
+    if args.sparsity is not None or args.pattern is not None:
+        put("target", "sparsity", args.sparsity)
+        put("target", "pattern", args.pattern)
+    options = dict(data.get("target", {}).get("options") or {})
+    if (data.get("target") or {}).get("method") != args.method and args.method is not None:
+        options = {}  # another method on the command line: the file's options were for its own
+    options.update(dict(args.option or ()))
+    if args.mask_from is not None:
+        options["mask_from"] = args.mask_from
+    put("target", "options", options)
+    for section, key, flag in (
+        ("model", "path", "--model"),
+        ("target", "method", "--method"),
+        ("calibration", "text", "--calib"),
+    ):
+        if not data.get(section, {}).get(key):
+            raise JpruneError(
+                f"{flag} is required (on the command line or as {section}.{key} in --config)"
+            )
+    target = data["target"]
+    if target.get("sparsity") is None and target.get("pattern") is None:
+        raise JpruneError(
+            "give --sparsity or --pattern (or target.sparsity / target.pattern in --config)"
+        )
+    return PruneConfig.from_dict(data, f"--config {args.config}" if args.config else "command line")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    if args.help_options:
+        return _print_method_options(args.method)
+    from jprune.config import resolve
+
+    run = resolve(prune_config(args))
     from tqdm import tqdm
 
     from jprune.prune import prune
@@ -89,31 +156,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        report = prune(
-            args.model,
-            args.method,
-            sparsity=args.sparsity,
-            pattern=args.pattern,
-            scope=args.scope,
-            calib=args.calib,
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            seed=args.seed,
-            out=args.out,
-            eval_texts=args.eval or (),
-            eval_seqlen=args.eval_seqlen,
-            force=args.force,
-            sequential=not args.parallel_blocks,
-            intra_block=args.intra_block,
-            batch_size=args.batch_size,
-            method_options=dict(args.option or ()),
-            dtype=args.dtype,
-            mesh=args.mesh,
-            offload=args.offload,
-            progress=progress,
-            matmul_precision=args.matmul_precision,
-            row_blocks=args.row_blocks,
-        )
+        report = prune(run, progress=progress)
     finally:
         bar.close()
     summary = report["summary"]
@@ -124,40 +167,62 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if report["parameters"] != report["parameters_before"]:
         print(f"parameters: {report['parameters_before']:,} -> {report['parameters']:,}")
     for text, ppl in report["perplexity"].items():
-        print(f"perplexity on {text}: {ppl['before']:.4f} -> {ppl['after']:.4f}")
-    if args.out:
+        before = "n/a" if ppl["before"] is None else f"{ppl['before']:.4f}"
+        print(f"perplexity on {text}: {before} -> {ppl['after']:.4f}")
+    out = run.config.output.out
+    if out:
         import jax
 
         if jax.process_index() == 0:
-            print(f"wrote {args.out} (report.json inside)")
+            print(f"wrote {out} (report.json inside)")
         else:
             print(
                 f"process {jax.process_index()} of {jax.process_count()}: "
-                f"{args.out} is written by process 0"
+                f"{out} is written by process 0"
             )
+    return 0
+
+
+def _print_method_options(name: str | None) -> int:
+    from jprune.methods import METHODS, get_method
+
+    methods = [get_method(name)] if name else [METHODS[n] for n in sorted(METHODS)]
+    print("\n\n".join(m.describe_options() for m in methods))
     return 0
 
 
 def add_prune_parser(sub) -> None:
     from jprune.methods import METHODS
-    from jprune.structured import STRUCTURED_METHODS
+    from jprune.methods.optima import SELECTORS
 
+    structured = sorted(n for n, m in METHODS.items() if m.structured)
     pr = sub.add_parser(
         "prune",
         help="prune a model and write a pruned HF checkpoint",
         description="Prune every linear inside the decoder blocks of an HF model, block by block from a calibration text, "
-        "and write an HF checkpoint (dense tensors with zeros) with report.json inside.",
+        "and write an HF checkpoint (dense tensors with zeros) with report.json inside. Every setting can also come "
+        "from --config (YAML or JSON, sections model/target/calibration/engine/evaluation/output; a report.json "
+        "replays its run); flags given on the command line override the file.",
     )
-    pr.add_argument("--model", required=True, help="Hugging Face model directory to prune")
+    pr.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read the run's configuration from a YAML or JSON recipe, or from a report.json to replay that run",
+    )
+    pr.add_argument("--model", help="Hugging Face model directory to prune (required)")
     pr.add_argument(
         "--method",
-        required=True,
-        choices=sorted([*METHODS, *STRUCTURED_METHODS]),
-        help="pruning method; structured (channels removed, smaller checkpoint): "
-        + ", ".join(STRUCTURED_METHODS)
-        + " (--option attention=true also prunes v/o channels)",
+        choices=sorted(METHODS),
+        help="pruning method (required); structured (channels removed, smaller checkpoint): "
+        + ", ".join(structured)
+        + "; --help-options lists each method's options",
     )
-    target = pr.add_mutually_exclusive_group(required=True)
+    pr.add_argument(
+        "--help-options",
+        action="store_true",
+        help="list the options of --method (of every method without it) with their defaults, and exit",
+    )
+    target = pr.add_mutually_exclusive_group()
     target.add_argument(
         "--sparsity",
         type=float,
@@ -170,19 +235,12 @@ def add_prune_parser(sub) -> None:
     pr.add_argument(
         "--scope",
         choices=("row", "matrix"),
-        default="row",
         help="with --sparsity: exact count per output row (default) or per layer",
     )
-    pr.add_argument(
-        "--calib", required=True, help="calibration text file (or c4 / wikitext2 when online)"
-    )
-    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
-    pr.add_argument(
-        "--seqlen", type=int, default=512, help="tokens per calibration window (default: 512)"
-    )
-    pr.add_argument(
-        "--seed", type=int, default=0, help="seed of the calibration window starts (default: 0)"
-    )
+    pr.add_argument("--calib", help="calibration text file (required)")
+    pr.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
+    pr.add_argument("--seqlen", type=int, help="tokens per calibration window (default: 512)")
+    pr.add_argument("--seed", type=int, help="seed of the calibration window starts (default: 0)")
     pr.add_argument(
         "--out",
         help="output directory for the pruned checkpoint and report.json (must not exist unless --force)",
@@ -193,10 +251,8 @@ def add_prune_parser(sub) -> None:
         metavar="FILE",
         help="text to report perplexity on before and after; repeat for several",
     )
-    pr.add_argument(
-        "--eval-seqlen", type=int, default=None, help="window length for --eval (default: --seqlen)"
-    )
-    pr.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pr.add_argument("--eval-seqlen", type=int, help="window length for --eval (default: --seqlen)")
+    pr.add_argument("--force", action="store_true", default=None, help="replace --out if it exists")
     pr.add_argument(
         "--parallel-blocks",
         action="store_true",
@@ -206,12 +262,12 @@ def add_prune_parser(sub) -> None:
         "--intra-block",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="prune q,k,v -> o -> gate,up -> down in stages, each seeing the pruned upstream outputs, targeting the dense outputs (default: the method's own protocol; on for fista)",
+        help="prune q,k,v -> o -> gate,up -> down in stages, each seeing the pruned upstream outputs, targeting the "
+        "dense outputs (default: the method's own protocol; on for fista; structured methods refuse it)",
     )
     pr.add_argument(
         "--batch-size",
         type=int,
-        default=8,
         help="calibration/evaluation windows per forward pass (default: 8)",
     )
     pr.add_argument(
@@ -219,23 +275,30 @@ def add_prune_parser(sub) -> None:
         action="append",
         type=_method_option,
         metavar="KEY=VALUE",
-        help="method option passed through (JSON value), e.g. --option blocksize=64; repeat for several",
+        help="a method option, checked against the method's typed options before anything is loaded, "
+        "e.g. --option blocksize=64; repeat for several (--help-options lists them)",
+    )
+    pr.add_argument(
+        "--mask-from",
+        metavar="SELECTOR",
+        help="optima: the method whose mask is reconstructed, one of "
+        + ", ".join(SELECTORS)
+        + " (default: wanda)",
     )
     pr.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
-        default=None,
         help="cast the weights on load (default: keep the stored dtype)",
     )
     pr.add_argument(
         "--mesh",
-        default=None,
         help="devices to spread the work over: N (the first N devices) or 'auto' (all); calibration "
         "batches are split across them and each layer's rows are sharded (default: one device)",
     )
     pr.add_argument(
         "--offload",
         action="store_true",
+        default=None,
         help="keep block activations in host memory between forward passes (for models whose "
         "calibration activations do not fit on the accelerator)",
     )
@@ -248,7 +311,6 @@ def add_prune_parser(sub) -> None:
     pr.add_argument(
         "--matmul-precision",
         choices=("float32", "tensorfloat32"),
-        default="float32",
         help="precision of every matrix product: float32 (default) keeps Grams and solvers in "
         "true float32; tensorfloat32 lets GPUs use TF32 tensor cores (faster, ~1e-3 relative "
         "error per product; CPUs compute float32 either way)",
@@ -256,12 +318,11 @@ def add_prune_parser(sub) -> None:
     pr.add_argument(
         "--row-blocks",
         type=int,
-        default=0,
         metavar="N",
         help="reproducible mode: sum the Grams window by window in a fixed order and solve each "
         "layer as N equal row blocks, so the pruned weights are bit-identical on every --mesh "
-        "whose size divides N (e.g. 8 for 1, 2, 4 or 8 devices); slower, most on one device "
-        "(default 0: off)",
+        "whose size divides N (e.g. 8 for 1, 2, 4 or 8 devices); slower, most on one device; "
+        "structured methods get the fixed-order Grams and solve each layer whole (default 0: off)",
     )
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_prune)

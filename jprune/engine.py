@@ -1,36 +1,42 @@
-"""The block-sequential pruning engine.
+"""The block-sequential pruning engine, one for every method.
 
-For each decoder block, in order:
+For each decoder block, in order, and for each stage of the method's block program
+(``methods.base``: a layer-function method prunes linears, a structured method channels):
 
 1. run the block over the calibration activations and accumulate, per linear input ("tap"),
-   float32 Gram matrices streaming over calibration batches (``apply_block`` returns the taps:
-   an explicit pure function, no hooks);
-2. hand each linear's ``LayerProblem`` to the method and write the new weight into the block;
-3. recompute the block's outputs: they are the next block's inputs.
+   the statistics the stage asks for (float32 Grams ``Xp Xp^T``, ``X Xp^T`` and ``X X^T``,
+   input sums), streaming over calibration batches (``apply_block`` returns the taps: an
+   explicit pure function, no hooks);
+2. hand each unit to the method's ``solve`` and write its new parameters into the block
+   (their shapes may shrink);
+3. once every stage is done, recompute the block's outputs: they are the next block's inputs.
 
-Two knobs decide which activations a layer problem is built from:
+Two knobs decide which activations the statistics come from:
 
 * ``sequential`` (default): block inputs come from the already-pruned model. Otherwise every
   block sees the dense model's inputs (FISTAPruner's parallel-block mode).
-* ``intra_block``: linears are pruned in stages q,k,v -> o -> gate,up (fc1) -> down (fc2), each
-  stage's inputs recomputed through the already-pruned upstream operators; the linear term then
-  targets the dense block's outputs on the dense model's inputs (``W0 X``), so upstream errors
-  are corrected rather than copied (FISTAPruner's intra-layer error correction). Without it, one
-  pass captures every linear's input from the block as it was (the SparseGPT / Wanda protocol).
+* ``intra_block`` (layer-function methods): linears are pruned in stages q,k,v -> o ->
+  gate,up (fc1) -> down (fc2), each stage's inputs recomputed through the already-pruned
+  upstream operators; the linear term then targets the dense block's outputs on the dense
+  model's inputs (``W0 X``), so upstream errors are corrected rather than copied
+  (FISTAPruner's intra-layer error correction). Without it, one pass captures every linear's
+  input from the block as it was (the SparseGPT / Wanda protocol). Structured methods have
+  their own stages (attention channels, then MLP channels) and refuse the knob.
 
 Only one block's activations are alive at a time: ``(nsamples, seqlen, hidden)`` for the pruned
-stream and, when needed, the dense stream. With ``intra_block``, each stream's attention output
-is kept too once q, k, v are pruned: attention is most of a block's forward cost and no later
-stage changes it, so the o, MLP and output passes start from it instead of rerunning attention.
+stream and, when a stage needs dense-model statistics or blocks see the dense inputs, the dense
+stream. Once q, k, v are final, each stream's attention output is kept too: attention is most
+of a block's forward cost and no later stage changes it, so the o, MLP and output passes start
+from it instead of rerunning attention.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +44,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jprune.config import check_engine_options
 from jprune.errors import JpruneError
-from jprune.methods import LayerProblem, get_method
-from jprune.model import LINEAR_INPUTS, block_linear_names
+from jprune.methods import LayerProblem, Method
+from jprune.methods.base import STATISTICS, UnitContext
+from jprune.model import LINEAR_INPUTS, named_arrays
 from jprune.sharding import mesh_size, pad_rows, replicate, shard_leading, to_host
-from jprune.solvers import Pattern, check_pattern_fits, row_separable
+from jprune.solvers import row_separable
 
 # The linears that feed attention: once they are final, a block's attention output is too.
 ATTENTION_LINEARS = frozenset(n for n, tap in LINEAR_INPUTS.items() if tap == "attn_in")
+# The statistics that are read from the dense model's stream.
+DENSE_STATISTICS = frozenset({"cross", "dense"})
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,6 @@ class EngineOptions:
     sequential: bool = True
     intra_block: bool = False
     batch_size: int = 8  # calibration windows per forward pass
-    method_options: dict[str, Any] = field(default_factory=dict)
     mesh: Mesh | None = None  # data-parallel calibration and row-sharded layer problems
     offload: bool = False  # keep block activations in host memory between forward passes
     # Reproducible mode when > 0: Grams summed window by window in a fixed order, and each
@@ -62,16 +71,7 @@ class EngineOptions:
     row_blocks: int = 0
 
 
-def block_stages(spec, intra_block: bool) -> list[tuple[str, ...]]:
-    """Groups of linears pruned together; each group's inputs are captured after the previous."""
-    names = block_linear_names(spec)
-    if not intra_block:
-        return [names]
-    mlp_in = tuple(n for n in names if LINEAR_INPUTS[n] == "mlp_in")
-    return [("q", "k", "v"), ("o",), mlp_in, ("down",)]
-
-
-# ---------------------------------------------------------------- Gram accumulation
+# ---------------------------------------------------------------- statistics
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -111,9 +111,9 @@ def _gram(a: jax.Array, b: jax.Array, reproducible: bool) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _batch_grams(
+def _batch_statistics(
     graphdef,
-    taps: tuple[str, ...],
+    requests: tuple[tuple[str, tuple[str, ...]], ...],
     with_dense: bool,
     reproducible: bool,
     state,
@@ -123,17 +123,22 @@ def _batch_grams(
     attention=None,
     dense_attention=None,
 ):
-    """Per tap: ``Xp Xp^T`` and, with a dense stream, ``X Xp^T`` and ``X X^T`` for one batch."""
+    """Per requested tap, its statistics for one batch (see ``methods.base.STATISTICS``)."""
     _, current = _forward(graphdef, state, x, attention)
-    out = {}
     dense = _forward(graphdef, dense_state, x_dense, dense_attention)[1] if with_dense else None
-    for tap in taps:
+    out = {}
+    for tap, wanted in requests:
         xp = current[tap]
-        grams = {"gram": _gram(xp, xp, reproducible)}
-        if with_dense:
-            xd = dense[tap]
-            grams |= {"cross": _gram(xd, xp, reproducible), "dense": _gram(xd, xd, reproducible)}
-        out[tap] = grams
+        stats = {}
+        if "gram" in wanted:
+            stats["gram"] = _gram(xp, xp, reproducible)
+        if "cross" in wanted:
+            stats["cross"] = _gram(dense[tap], xp, reproducible)
+        if "dense" in wanted:
+            stats["dense"] = _gram(dense[tap], dense[tap], reproducible)
+        if "mean" in wanted:  # a sum here; the consumer divides by the token count
+            stats["mean"] = jnp.sum(xp.reshape(-1, xp.shape[-1]), axis=0)
+        out[tap] = stats
     return out
 
 
@@ -164,9 +169,16 @@ class Activations:
         return sum(int(np.prod(b.shape)) * b.dtype.itemsize for b in self.batches)
 
 
-def stream_grams(
+def _requests(statistics: Mapping[str, frozenset[str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    unknown = set().union(*statistics.values()) - STATISTICS
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {sorted(STATISTICS)}")
+    return tuple((tap, tuple(sorted(wanted))) for tap, wanted in sorted(statistics.items()))
+
+
+def stream_statistics(
     graphdef,
-    taps,
+    statistics: Mapping[str, frozenset[str]],
     state,
     dense_state,
     x: Activations,
@@ -174,19 +186,22 @@ def stream_grams(
     attention: Activations | None = None,
     dense_attention: Activations | None = None,
 ):
-    """Sum the per-batch Grams over all calibration windows (float32).
+    """Sum the per-batch statistics over all calibration windows (float32).
 
-    ``attention`` / ``dense_attention``: the streams' cached attention outputs, if any.
+    ``statistics``: tap -> the statistics wanted; ``x_dense`` is read only when one of them
+    needs the dense stream. ``attention`` / ``dense_attention``: the streams' cached attention
+    outputs, if any.
     """
+    requests = _requests(statistics)
+    with_dense = any(DENSE_STATISTICS & set(wanted) for _, wanted in requests)
     total = None
-    with_dense = x_dense is not None
     absent = [None] * len(x.batches)
-    others = [absent if s is None else s for s in (x_dense, attention, dense_attention)]
-    batches = zip(x, *others, strict=True)
-    for batch, xd, att, att_dense in batches:
-        grams = _batch_grams(
+    dense = x_dense if with_dense else None
+    others = [absent if s is None else s for s in (dense, attention, dense_attention)]
+    for batch, xd, att, att_dense in zip(x, *others, strict=True):
+        stats = _batch_statistics(
             graphdef,
-            tuple(taps),
+            requests,
             with_dense,
             x.options.row_blocks > 0,
             state,
@@ -196,7 +211,7 @@ def stream_grams(
             att,
             att_dense,
         )
-        total = grams if total is None else jax.tree.map(jnp.add, total, grams)
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     return total
 
 
@@ -205,11 +220,18 @@ def _batches(x: jax.Array, batch_size: int) -> list[jax.Array]:
 
 
 def accumulate_grams(graphdef, taps, state, dense_state, x, x_dense, batch_size, row_blocks=0):
-    """``stream_grams`` over whole (nsamples, seqlen, hidden) arrays on the default device."""
+    """Grams (and with ``x_dense`` the cross and dense Grams) of whole (nsamples, seqlen,
+    hidden) arrays on the default device: tap -> statistic -> array."""
     options = EngineOptions(batch_size=batch_size, row_blocks=row_blocks)
+    wanted = frozenset({"gram"} if x_dense is None else {"gram", "cross", "dense"})
     dense = None if x_dense is None else Activations(_batches(x_dense, batch_size), options)
-    return stream_grams(
-        graphdef, taps, state, dense_state, Activations(_batches(x, batch_size), options), dense
+    return stream_statistics(
+        graphdef,
+        dict.fromkeys(taps, wanted),
+        state,
+        dense_state,
+        Activations(_batches(x, batch_size), options),
+        dense,
     )
 
 
@@ -250,7 +272,9 @@ def reconstruction_error(W, W0, gram, cross, dense_gram):
 
 
 def plain(value: Any) -> Any:
-    """Method info -> JSON-ready numbers: scalars as is, per-row arrays as their mean."""
+    """Method info -> JSON-ready values. Scalars stay as they are; a per-row array becomes
+    ``{"mean": ..., "worst": ...}`` (worst: the largest value, or ``false`` if any row is),
+    so one bad row is not averaged away."""
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -259,30 +283,23 @@ def plain(value: Any) -> Any:
         return plain(value._asdict())
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
         array = np.asarray(value)
-        if array.dtype == bool:
-            return bool(array.all()) if array.size > 1 else bool(array)
         if array.size == 1:
             return array.item()
-        return float(array.astype(np.float64).mean())
+        if array.dtype == bool:
+            return {"mean": float(array.mean()), "worst": bool(array.all())}
+        numbers = array.astype(np.float64)
+        return {"mean": float(numbers.mean()), "worst": float(numbers.max())}
     return value
 
 
-# ---------------------------------------------------------------- the engine
+# ---------------------------------------------------------------- solving on the mesh
 
 
-def _get_linear_weight(state, name):
-    return state[name]["weight"][...]
-
-
-def _set_linear_weight(state, name, weight):
-    state[name]["weight"][...] = weight
-
-
-def _solve_layer(layer_method, problem: LayerProblem, pattern: Pattern, options: EngineOptions):
-    """Run the method with rows sharded over the mesh and the Grams replicated."""
+def _solve_layer(layer_method, problem: LayerProblem, pattern, method_options, options):
+    """Run a layer function with rows sharded over the mesh and the Grams replicated."""
     mesh = options.mesh
     if options.row_blocks and row_separable(pattern):
-        return _solve_in_row_blocks(layer_method, problem, pattern, options)
+        return _solve_in_row_blocks(layer_method, problem, pattern, method_options, options)
     rows = problem.weight.shape[0]
     if mesh is not None:
         weight = to_host(problem.weight)
@@ -295,7 +312,7 @@ def _solve_layer(layer_method, problem: LayerProblem, pattern: Pattern, options:
         else:
             weight = shard_leading(weight, mesh)  # replicated unless the rows divide
         problem = _replicate_grams(problem._replace(weight=weight), mesh)
-    result = layer_method(problem, pattern, **options.method_options)
+    result = layer_method(problem, pattern, method_options)
     new_weight = jax.block_until_ready(result.weight)
     if mesh is not None:
         new_weight = jnp.asarray(to_host(new_weight)[:rows])
@@ -310,7 +327,7 @@ def _replicate_grams(problem: LayerProblem, mesh: Mesh | None) -> LayerProblem:
     )
 
 
-def _solve_in_row_blocks(layer_method, problem, pattern, options):
+def _solve_in_row_blocks(layer_method, problem, pattern, method_options, options):
     """Solve the layer as ``options.row_blocks`` equal blocks of rows (zero rows pad the last).
 
     XLA picks its GEMM kernel, and with it the rounding, by the operands' shapes: the same rows
@@ -335,7 +352,7 @@ def _solve_in_row_blocks(layer_method, problem, pattern, options):
     pieces, infos = [], []
     for start in range(0, weight.shape[0], chunk):
         part = shard_leading(weight[start : start + chunk], options.mesh)
-        result = layer_method(problem._replace(weight=part), pattern, **options.method_options)
+        result = layer_method(problem._replace(weight=part), pattern, method_options)
         pieces.append(to_host(jax.block_until_ready(result.weight)))
         infos.append(result.info)
     return jnp.asarray(np.concatenate(pieces)[:rows]), {"row_blocks": infos}
@@ -354,26 +371,85 @@ def _device_peak_bytes() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def prune_blocks(
+# ---------------------------------------------------------------- the engine
+
+
+class PruneOutcome(NamedTuple):
+    model: Any  # the pruned CausalLM (a new, smaller one for structured methods)
+    records: list[dict[str, Any]]  # one per pruned unit, the same shape for every method
+    config_updates: dict[str, Any]  # config.json changes the export needs
+    extra_files: dict[str, str]  # files written beside the checkpoint (remote modeling code)
+
+
+def _flat_params(state) -> dict[str, jax.Array]:
+    return {".".join(str(k) for k in path): var[...] for path, var in nnx.to_flat_state(state)}
+
+
+def _set_param(state, name: str, value: jax.Array) -> None:
+    node = state
+    for key in name.split("."):
+        node = node[key]
+    node.set_value(value)
+
+
+def _record(result, stats, seconds, name, block, held) -> dict[str, Any]:
+    """The per-unit record every method gets (``channels`` is null unless structured)."""
+    tap = stats[LINEAR_INPUTS[result.linear]]
+    cross = tap.get("cross") if "dense" in tap else None
+    error, reference = reconstruction_error(
+        result.weight, result.weight0, tap["gram"], cross, tap.get("dense", tap["gram"])
+    )
+    d_out, d_in = result.weight0.shape
+    if result.channels is None:
+        sparsity = float(jnp.mean(result.weight == 0))
+    else:
+        sparsity = float(1 - result.channels["after"] / result.channels["before"])
+    grams = len(DENSE_STATISTICS.union({"gram"}) & set(tap))
+    return {
+        "name": name,
+        "block": block,
+        "role": result.role,
+        "shape": [d_out, d_in],
+        "sparsity": sparsity,
+        "channels": result.channels,
+        "relative_error": float(error / jnp.maximum(reference, 1e-30)),
+        "seconds": seconds,
+        "memory": {
+            "bound_bytes": layer_memory_bytes(d_out, d_in, grams, held),
+            "device_peak_bytes": _device_peak_bytes(),
+        },
+        "info": plain(result.info),
+    }
+
+
+def prune_model(
     model,
     calibration: np.ndarray,
-    method: str,
-    pattern: Pattern,
+    method: Method,
+    target,
+    method_options=None,
     options: EngineOptions = EngineOptions(),
+    *,
+    hf_config: Mapping[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     hf_names: Callable[[str], str] | None = None,
-) -> list[dict[str, Any]]:
-    """Prune every decoder linear of ``model`` in place; return one record per linear.
+) -> PruneOutcome:
+    """Prune ``model`` with ``method`` at ``target`` (a Pattern, or ``structured.Channels``).
 
-    ``calibration`` is (nsamples, seqlen) token ids. ``progress(stage, block, num_blocks)`` is
-    called as work advances (the CLI draws a bar from it). ``hf_names`` maps canonical layer
-    names (``layers.0.q``) to the names shown in the report.
+    ``calibration`` is (nsamples, seqlen) token ids. Layer-function methods change ``model``
+    in place; structured methods return a new, smaller one. ``progress(stage, block,
+    num_blocks)`` is called as work advances (the CLI draws a bar from it). ``hf_names`` maps
+    canonical layer names (``layers.0.q``) to the names shown in the report.
     """
-    layer_method = get_method(method)
-    spec = model.spec
-    mesh = options.mesh
-    for role in block_linear_names(spec):
-        check_pattern_fits(pattern, getattr(model.layers[0], role).weight[...].shape)
+    program = method.program
+    method_options = method.options() if method_options is None else method_options
+    check_engine_options(
+        method, options.intra_block, options.batch_size, options.row_blocks, mesh_size(options.mesh)
+    )
+    spec, mesh = model.spec, options.mesh
+    program.check(spec, named_arrays(model), target, method_options, hf_config or {})
+    stages = program.stages(spec, method_options, options.intra_block)
+    wants_dense = any(DENSE_STATISTICS & set(w) for st in stages for w in st.statistics.values())
     size = options.batch_size
     windows = [calibration[s : s + size] for s in range(0, calibration.shape[0], size)]
     embed_graph, embed_state = nnx.split(model)
@@ -382,9 +458,13 @@ def prune_blocks(
         [embed_tokens_fn(embed_graph, embed_state, shard_leading(w, mesh)) for w in windows],
         options,
     )
-    use_dense = options.intra_block or not options.sequential
+    use_dense = wants_dense or not options.sequential
     x_dense = x if use_dense else None
-    num_tokens = int(calibration.size)
+    streams = 2 if use_dense else 1
+
+    def solve_rows(layer, problem, pattern, layer_options):
+        return _solve_layer(layer, problem, pattern, layer_options, options)
+
     records = []
     for index, block in enumerate(model.layers):
         graphdef, live_state = nnx.split(block)
@@ -394,67 +474,39 @@ def prune_blocks(
         state = jax.tree.map(lambda a: replicate(a, mesh), live_state)
         # Parallel-block mode: this block sees the dense model's input.
         x_in = x if options.sequential else x_dense
-        streams = 2 if options.intra_block or not options.sequential else 1
         attention = dense_attention = None
-        pruned = set()
-        for stage in block_stages(spec, options.intra_block):
+        changed: set[str] = set()
+        for stage in stages:
             if progress is not None:
-                progress(f"block {index}: {','.join(stage)}", index, spec.num_layers)
-            if options.intra_block and attention is None and ATTENTION_LINEARS <= pruned:
+                label = ",".join(getattr(u, "name", str(u)) for u in stage.units)
+                progress(f"block {index}: {label}", index, spec.num_layers)
+            if attention is None and ATTENTION_LINEARS <= changed:
                 attention = _block_pass(_attend, graphdef, state, x_in, None)
-                dense_attention = _block_pass(_attend, graphdef, dense_state, x_dense, None)
-            pruned.update(stage)
-            taps = sorted({LINEAR_INPUTS[n] for n in stage})
-            grams = stream_grams(
-                graphdef,
-                taps,
-                state,
-                dense_state,
-                x_in,
-                x_dense if options.intra_block else None,
-                attention,
-                dense_attention,
-            )
+                if x_dense is not None:
+                    dense_attention = _block_pass(_attend, graphdef, dense_state, x_dense, None)
+            stats = stream_statistics(
+                graphdef, stage.statistics, state, dense_state, x_in, x_dense,
+                attention, dense_attention,
+            )  # fmt: skip
             cached = (a.nbytes for a in (attention, dense_attention) if a is not None)
             held = streams * x.nbytes + sum(cached)
-            for role in stage:
-                tap = grams[LINEAR_INPUTS[role]]
-                weight0 = _get_linear_weight(dense_state, role)
-                name = f"layers.{index}.{role}"
-                problem = LayerProblem(
-                    weight=weight0.astype(jnp.float32),
-                    gram=tap["gram"],
-                    cross_gram=tap.get("cross"),
-                    num_tokens=num_tokens,
-                    name=name,
-                )
+            for unit in stage.units:
+                context = UnitContext(
+                    spec, index, _flat_params(state), stats, target, method_options,
+                    int(calibration.size), spec.num_layers, hf_names or str, solve_rows,
+                )  # fmt: skip
                 started = time.perf_counter()
-                new_weight, info = _solve_layer(layer_method, problem, pattern, options)
+                result = program.solve(unit, context)
+                jax.block_until_ready(result.updates)
                 seconds = time.perf_counter() - started
-                error, reference = reconstruction_error(
-                    new_weight,
-                    weight0,
-                    tap["gram"],
-                    tap.get("cross"),
-                    tap.get("dense", tap["gram"]),
-                )
-                _set_linear_weight(state, role, replicate(new_weight.astype(weight0.dtype), mesh))
-                d_out, d_in = weight0.shape
+                for name, value in result.updates.items():
+                    _set_param(state, name, replicate(value, mesh))
+                    changed.add(name.split(".")[0])
+                name = f"layers.{index}.{result.linear}"
                 records.append(
-                    {
-                        "name": hf_names(name) if hf_names else name,
-                        "block": index,
-                        "role": role,
-                        "shape": [d_out, d_in],
-                        "sparsity": float(jnp.mean(new_weight == 0)),
-                        "relative_error": float(error / jnp.maximum(reference, 1e-30)),
-                        "seconds": seconds,
-                        "memory": {
-                            "bound_bytes": layer_memory_bytes(d_out, d_in, len(tap), held),
-                            "device_peak_bytes": _device_peak_bytes(),
-                        },
-                        "info": plain(info),
-                    }
+                    _record(
+                        result, stats, seconds, hf_names(name) if hf_names else name, index, held
+                    )
                 )
         nnx.update(block, jax.tree.map(lambda a: jnp.asarray(to_host(a)), state))
         if use_dense:
@@ -465,7 +517,8 @@ def prune_blocks(
             x = x_dense
     if progress is not None:
         progress("done", spec.num_layers, spec.num_layers)
-    return records
+    model, config_updates, extra_files = program.finish(model, hf_config or {}, method_options)
+    return PruneOutcome(model, records, config_updates, extra_files)
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:

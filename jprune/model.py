@@ -23,26 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jprune.converters.spec import ModelSpec
+from jprune.converters.spec import LINEAR_INPUTS, ModelSpec, block_linear_names
 
 COMPUTE_DTYPE = jnp.float32
 
-# Which tap feeds which linear of a block.
-LINEAR_INPUTS = {
-    "q": "attn_in",
-    "k": "attn_in",
-    "v": "attn_in",
-    "o": "o_in",
-    "gate": "mlp_in",
-    "up": "mlp_in",
-    "down": "down_in",
-}
-
-
-def block_linear_names(spec: ModelSpec) -> tuple[str, ...]:
-    """The prunable linears of a block, in forward order."""
-    mlp = ("gate", "up", "down") if spec.gated_mlp else ("up", "down")
-    return ("q", "k", "v", "o", *mlp)
+__all__ = ["LINEAR_INPUTS", "Block", "CausalLM", "apply_block", "block_linear_names"]
 
 
 def _param(arrays: Mapping[str, np.ndarray], name: str) -> nnx.Param:

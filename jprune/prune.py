@@ -1,42 +1,35 @@
 """``jprune.prune``: an HF checkpoint in, a pruned HF checkpoint and its report out.
 
-Everything that can be checked before the expensive part is checked first (pattern, method,
-output directory, calibration and evaluation texts), so bad input fails in a second with
-nothing written. The checkpoint and ``report.json`` are written into a staging directory that
-is renamed into place only when all of it succeeded.
+``resolve`` checks a ``PruneConfig`` without touching the model (method, options, target,
+engine knobs, output directory), so bad input fails in a second with nothing written;
+``prune`` then loads, calibrates, prunes, evaluates and writes. The checkpoint and
+``report.json`` (which embeds the resolved configuration) are written into a staging directory
+that is renamed into place only when all of it succeeded.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from jprune.config import PruneConfig, Run, check_engine_options, resolve
 from jprune.converters.hf import hf_name_map, load_model, save_model
 from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
-from jprune.engine import EngineOptions, prune_blocks, summarize
+from jprune.engine import EngineOptions, prune_model, summarize
 from jprune.errors import JpruneError
 from jprune.evaluate import perplexity
-from jprune.methods import INTRA_BLOCK_METHODS, get_method
 from jprune.model import named_arrays, parameter_count
 from jprune.sharding import make_mesh, mesh_size
-from jprune.solvers import NM, check_pattern_fits, parse_pattern
-from jprune.structured import STRUCTURED_METHODS, check_target, parse_options, prune_structured
+from jprune.solvers import NM
 
 ProgressFn = Callable[[str, int, int], None]
 
-
-def _pattern(sparsity: float | None, nm: str | None, scope: str):
-    try:
-        return parse_pattern(sparsity=sparsity, nm=nm, scope=scope)
-    except ValueError as err:
-        raise JpruneError(str(err)) from None
+__all__ = ["JpruneError", "PruneConfig", "Run", "prune", "resolve"]
 
 
 def _layer_hf_name(spec) -> Callable[[str], str]:
@@ -44,207 +37,132 @@ def _layer_hf_name(spec) -> Callable[[str], str]:
     return lambda canonical: names[f"{canonical}.weight"].removesuffix(".weight")
 
 
-MATMUL_PRECISIONS = ("float32", "tensorfloat32")
+def prune(config: PruneConfig | Run, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Prune as ``config`` says and return the report; write it to ``config.output.out``.
 
-
-def _check_row_blocks(row_blocks: int, device_mesh, structured: bool) -> None:
-    if row_blocks < 0:
-        raise JpruneError(f"row_blocks must be 0 (off) or a positive count, got {row_blocks}")
-    if row_blocks and structured:
-        raise JpruneError("row_blocks (the reproducible mode) applies to unstructured methods")
-    if row_blocks % mesh_size(device_mesh):
-        raise JpruneError(
-            f"row_blocks {row_blocks} does not split over the {mesh_size(device_mesh)}-device "
-            "mesh: choose a count the mesh size divides"
-        )
-
-
-def prune(
-    model: str | os.PathLike,
-    method: str,
-    *,
-    sparsity: float | None = None,
-    pattern: str | None = None,
-    scope: str = "row",
-    calib: str | os.PathLike,
-    nsamples: int = 128,
-    seqlen: int = 512,
-    seed: int = 0,
-    out: str | os.PathLike | None = None,
-    eval_texts: Sequence[str | os.PathLike] = (),
-    eval_seqlen: int | None = None,
-    force: bool = False,
-    sequential: bool = True,
-    intra_block: bool | None = None,
-    batch_size: int = 8,
-    method_options: dict[str, Any] | None = None,
-    dtype: str | None = None,
-    mesh: int | str | None = None,
-    offload: bool = False,
-    evaluate_dense: bool = True,
-    progress: ProgressFn | None = None,
-    matmul_precision: str = "float32",
-    row_blocks: int = 0,
-) -> dict[str, Any]:
-    """Prune ``model`` (an HF directory) and return the report; write it to ``out`` if given.
-
-    Give exactly one of ``sparsity`` (fraction of zeros, per row by default; ``scope="matrix"``
-    for per layer) or ``pattern`` (``"2:4"``, ``"4:8"``). ``intra_block`` defaults to the
-    method's published protocol (on for ``fista``). ``mesh`` spreads calibration batches and
-    layer rows over devices (``"auto"``: all of them); ``offload`` keeps block activations in
-    host memory. With several processes (``jax.distributed``) only process 0 writes ``out``.
-    ``evaluate_dense=False`` skips the perplexities before pruning (reported as null).
-    ``matmul_precision`` is JAX's matmul precision for the whole run: ``"float32"`` (default)
-    keeps every GEMM of the Grams and solvers in true float32; ``"tensorfloat32"`` lets GPUs use
-    TF32 tensor cores (several times faster there, about 1e-3 relative error per product);
-    CPUs compute float32 either way. ``row_blocks=N`` (N > 0) is the reproducible mode: Grams
-    are summed window by window in a fixed order and each layer is solved as N equal row
-    blocks, so the pruned weights are bit-identical on every mesh whose size divides N.
+    ``engine.mesh`` spreads calibration batches and layer rows over devices (``"auto"``: all
+    of them); ``engine.offload`` keeps block activations in host memory. With several
+    processes (``jax.distributed``) only process 0 writes the output.
+    ``engine.matmul_precision`` is JAX's matmul precision for the whole run: ``"float32"``
+    (default) keeps every GEMM of the Grams and solvers in true float32;
+    ``"tensorfloat32"`` lets GPUs use TF32 tensor cores (several times faster there, about
+    1e-3 relative error per product); CPUs compute float32 either way. ``engine.row_blocks=N``
+    (N > 0) is the reproducible mode: Grams are summed window by window in a fixed order and
+    each layer is solved as N equal row blocks, so the pruned weights are bit-identical on
+    every mesh whose size divides N.
     """
-    if matmul_precision not in MATMUL_PRECISIONS:
+    run = config if isinstance(config, Run) else resolve(config)
+    with jax.default_matmul_precision(run.config.engine.matmul_precision):
+        return _prune(run, progress)
+
+
+def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    config, method = run.config, run.method
+    engine_config = config.engine
+    engine = EngineOptions(
+        sequential=engine_config.sequential,
+        intra_block=engine_config.intra_block,
+        batch_size=engine_config.batch_size,
+        mesh=make_mesh(engine_config.mesh),
+        offload=engine_config.offload,
+        row_blocks=engine_config.row_blocks,
+    )
+    check_engine_options(
+        method, engine.intra_block, engine.batch_size, engine.row_blocks, mesh_size(engine.mesh)
+    )
+    net, hf_config = load_model(config.model.path, dtype=config.model.dtype)
+    spec = net.spec
+    calib = config.calibration
+    if calib.seqlen > spec.max_position_embeddings:
         raise JpruneError(
-            f"matmul precision {matmul_precision!r} is not one of {', '.join(MATMUL_PRECISIONS)}"
+            f"seqlen {calib.seqlen} exceeds the model's max_position_embeddings {spec.max_position_embeddings}"
         )
-    with jax.default_matmul_precision(matmul_precision):
-        started = time.perf_counter()
-        device_mesh = make_mesh(mesh)
-        structured = method in STRUCTURED_METHODS
-        _check_row_blocks(row_blocks, device_mesh, structured)
-        if structured:
-            if sparsity is None or pattern is not None:
-                raise JpruneError(
-                    f"{method} is structured: give --sparsity, the fraction of channels removed"
-                )
-            structured_options = parse_options(method_options or {})
-            sparsity_pattern = f"structured {sparsity:g}"
-        else:
-            sparsity_pattern = _pattern(sparsity, pattern, scope)
-            get_method(method)
-        if out is not None and Path(out).exists() and not force:
-            raise JpruneError(f"output {str(out)!r} already exists (use --force to replace it)")
-        if intra_block is None:
-            intra_block = method in INTRA_BLOCK_METHODS
+    method.program.check(spec, named_arrays(net), run.target, run.method_options, hf_config)
+    tokenizer = load_tokenizer(config.model.path)
+    calibration = calibration_windows(
+        tokenize(tokenizer, read_text(calib.text, split="train")),
+        calib.nsamples,
+        calib.seqlen,
+        calib.seed,
+        source=f"text {calib.text!r}",
+    )
+    evaluation = config.evaluation
+    eval_len = evaluation.seqlen or calib.seqlen
+    evaluations = {
+        t: eval_windows(tokenize(tokenizer, read_text(t)), eval_len, source=f"text {t!r}")
+        for t in evaluation.texts
+    }
 
-        net, hf_config = load_model(model, dtype=dtype)
-        spec = net.spec
-        if structured:
-            check_target(spec, named_arrays(net), sparsity, structured_options, hf_config)
-        for role in ("q", "o", "up", "down") if not structured else ():
-            try:
-                check_pattern_fits(sparsity_pattern, getattr(net.layers[0], role).weight[...].shape)
-            except ValueError as err:
-                raise JpruneError(
-                    f"{err} of {role} ({_layer_hf_name(spec)(f'layers.0.{role}')})"
-                ) from None
-        if seqlen > spec.max_position_embeddings:
-            raise JpruneError(
-                f"seqlen {seqlen} exceeds the model's max_position_embeddings {spec.max_position_embeddings}"
-            )
-        tokenizer = load_tokenizer(model)
-        calibration = calibration_windows(
-            tokenize(tokenizer, read_text(calib, split="train")),
-            nsamples,
-            seqlen,
-            seed,
-            source=f"text {str(calib)!r}",
+    def report_progress(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    batch_size = engine.batch_size
+    before = dict.fromkeys(evaluations)
+    for name, windows in evaluations.items() if evaluation.dense else ():
+        report_progress(f"eval dense on {name}", 0, spec.num_layers)
+        before[name] = perplexity(net, windows, batch_size=batch_size).perplexity
+
+    prune_started = time.perf_counter()
+    parameters_before = parameter_count(net)
+    outcome = prune_model(
+        net,
+        calibration,
+        method,
+        run.target,
+        run.method_options,
+        engine,
+        hf_config=hf_config,
+        progress=progress,
+        hf_names=_layer_hf_name(spec),
+    )
+    net = outcome.model
+    prune_seconds = time.perf_counter() - prune_started
+
+    after = {}
+    for name, windows in evaluations.items():
+        report_progress(f"eval pruned on {name}", spec.num_layers, spec.num_layers)
+        after[name] = perplexity(net, windows, batch_size=batch_size).perplexity
+
+    target = run.target
+    report = {
+        "model": config.model.path,
+        "method": method.name,
+        "pattern": str(target),
+        "target_sparsity": target.sparsity,
+        "scope": None if method.structured or isinstance(target, NM) else target.scope,
+        "config": config.to_dict(),
+        "perplexity": {
+            name: {"before": before[name], "after": after[name], "seqlen": eval_len}
+            for name in evaluations
+        },
+        "summary": summarize(outcome.records),
+        "parameters": parameter_count(net),
+        "parameters_before": parameters_before,
+        "prune_seconds": prune_seconds,
+        "machine": {
+            "platform": platform.platform(),
+            "jax_backend": jax.default_backend(),
+            "devices": jax.device_count(),
+            "mesh_devices": mesh_size(engine.mesh),
+            "processes": jax.process_count(),
+        },
+        "layers": outcome.records,
+    }
+    report["wall_seconds"] = time.perf_counter() - started
+    out = config.output.out
+    if out is not None and jax.process_index() == 0:
+        save_model(
+            net,
+            hf_config,
+            out,
+            source=config.model.path,
+            force=config.output.force,
+            config_updates=outcome.config_updates,
+            extra_files={
+                **outcome.extra_files,
+                "report.json": json.dumps(report, indent=2) + "\n",
+            },
         )
-        eval_len = eval_seqlen or seqlen
-        evaluations = {
-            str(t): eval_windows(
-                tokenize(tokenizer, read_text(t)), eval_len, source=f"text {str(t)!r}"
-            )
-            for t in eval_texts
-        }
-
-        def report_progress(stage: str, done: int, total: int) -> None:
-            if progress is not None:
-                progress(stage, done, total)
-
-        before = dict.fromkeys(evaluations)
-        for name, windows in evaluations.items() if evaluate_dense else ():
-            report_progress(f"eval dense on {name}", 0, net.spec.num_layers)
-            before[name] = perplexity(net, windows, batch_size=batch_size).perplexity
-
-        options = EngineOptions(
-            mesh=device_mesh,
-            offload=offload,
-            sequential=sequential,
-            intra_block=intra_block,
-            batch_size=batch_size,
-            method_options=dict(method_options or {}),
-            row_blocks=row_blocks,
-        )
-        prune_started = time.perf_counter()
-        parameters_before = parameter_count(net)
-        config_updates, extra_files = {}, {}
-        if structured:
-            net, records, config_updates, extra_files = prune_structured(
-                net,
-                hf_config,
-                calibration,
-                method,
-                sparsity,
-                structured_options,
-                batch_size=batch_size,
-                progress=progress,
-                hf_names=_layer_hf_name(spec),
-            )
-        else:
-            records = prune_blocks(
-                net, calibration, method, sparsity_pattern, options, progress, _layer_hf_name(spec)
-            )
-        prune_seconds = time.perf_counter() - prune_started
-
-        after = {}
-        for name, windows in evaluations.items():
-            report_progress(f"eval pruned on {name}", net.spec.num_layers, net.spec.num_layers)
-            after[name] = perplexity(net, windows, batch_size=batch_size).perplexity
-
-        report = {
-            "model": str(model),
-            "method": method,
-            "pattern": str(sparsity_pattern),
-            "target_sparsity": sparsity if structured else sparsity_pattern.sparsity,
-            "settings": {
-                "calib": str(calib),
-                "nsamples": nsamples,
-                "seqlen": seqlen,
-                "seed": seed,
-                "sequential": sequential,
-                "intra_block": intra_block,
-                "batch_size": batch_size,
-                "scope": scope if not structured and not isinstance(sparsity_pattern, NM) else None,
-                "method_options": dict(method_options or {}),
-                "dtype": dtype,
-                "matmul_precision": matmul_precision,
-                "row_blocks": row_blocks,
-            },
-            "perplexity": {
-                name: {"before": before[name], "after": after[name], "seqlen": eval_len}
-                for name in evaluations
-            },
-            "summary": summarize(records),
-            "parameters": parameter_count(net),
-            "parameters_before": parameters_before,
-            "prune_seconds": prune_seconds,
-            "machine": {
-                "platform": platform.platform(),
-                "jax_backend": jax.default_backend(),
-                "devices": jax.device_count(),
-                "mesh_devices": mesh_size(device_mesh),
-                "processes": jax.process_count(),
-            },
-            "layers": records,
-        }
-        report["wall_seconds"] = time.perf_counter() - started
-        if out is not None and jax.process_index() == 0:
-            save_model(
-                net,
-                hf_config,
-                out,
-                source=model,
-                force=force,
-                config_updates=config_updates,
-                extra_files={**extra_files, "report.json": json.dumps(report, indent=2) + "\n"},
-            )
-        return report
+    return report

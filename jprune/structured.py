@@ -39,30 +39,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jprune import converters
-from jprune.engine import (
-    Activations,
-    EngineOptions,
-    plain,
-    reconstruction_error,
-    stream_grams,
-)
 from jprune.errors import JpruneError
-from jprune.model import Block, CausalLM, apply_block, embed_tokens, named_arrays
+from jprune.methods.base import (
+    Method,
+    Stage,
+    UnitContext,
+    UnitResult,
+    corrected_gram,
+    register,
+)
+from jprune.options import option
 from jprune.solvers import refit_columns, select_columns, topk_mask
 from jprune.solvers import swap_columns as solver_swap_columns
-
-STRUCTURED_METHODS = ("fasp", "spap", "wanda-sp")
 
 REMOTE_MODULE = "modeling_jprune_llama"
 # Shipped as a module of jprune.converters; its text is written beside remote-code exports.
@@ -77,35 +74,56 @@ class Coupling(NamedTuple):
     producer_tap: str  # the producers' input
 
 
+class Channels(NamedTuple):
+    """The structured target: the fraction of each coupling's channels removed."""
+
+    sparsity: float
+
+    def __str__(self) -> str:
+        return f"structured {self.sparsity:g}"
+
+
+ALLOCATIONS = ("uniform", "ramp")
+
+
 @dataclasses.dataclass(frozen=True)
-class StructuredOptions:
-    """``--option`` values of the structured methods (all JSON-typed)."""
-
-    attention: bool = False  # also prune v/o channels
-    allocation: str = "uniform"  # or "ramp": less pruning in early layers, more in late ones
-    ramp: float = 0.1  # ramp half-width: layer ratios go from s - ramp to s + ramp
-    layer_sparsity: tuple[float, ...] | None = None  # explicit per-layer ratios
-    damp: float = 0.01  # restoration ridge, relative to mean(diag G)
-    num_stages: int = 100  # spap continuation schedule
-    growth: float = 1.2
-    rho0: float = 1e-3
-    step: float = 0.01
-    max_swaps: int = 1000  # spap: single-swap search after the continuation
-    # spap: a swap must lower the objective by this times ||W2 X||^2. Smaller gains are below
-    # what the calibration sample resolves (65k tokens on the shared models): at 1e-6 the
-    # search traded channels for them and lost TinyStories perplexity to fasp at 2 settings of
-    # 16, at 1e-4 at none, 3-10x sooner (bench/RESULTS.md, structured option studies).
-    swap_rtol: float = 1e-4
-    # fasp / spap: the fraction of the upstream pruning error the restoration undoes, target
-    # W2 (X + correction (X_dense - X)); 0 restores the layer's own output (the papers').
-    correction: float = 0.0
+class WandaSPOptions:
+    attention: bool = option(False, "also prune v/o channels (LLaMA exports only)")
+    allocation: str = option(
+        "uniform", "per-layer ratios: uniform, or ramp (less early, more late)", choices=ALLOCATIONS
+    )
+    ramp: float = option(0.1, "ramp half-width: ratios go from s - ramp to s + ramp", low=0.0)
+    layer_sparsity: tuple[float, ...] | None = option(
+        None, "explicit per-layer ratios, one per block", low=0.0, high=1.0, high_open=True
+    )
 
 
-class StructuredResult(NamedTuple):
-    model: CausalLM  # the smaller model
-    records: list[dict[str, Any]]
-    config_updates: dict[str, Any]  # config.json changes for the export
-    extra_files: dict[str, str]  # files written beside it (remote modeling code)
+@dataclasses.dataclass(frozen=True)
+class FaspOptions(WandaSPOptions):
+    damp: float = option(0.01, "restoration ridge, relative to mean(diag G)", low=0.0)
+    correction: float = option(
+        0.0,
+        "fraction of upstream error the restoration undoes: target W2 (X + c (X_dense - X))",
+        low=0.0,
+        high=1.0,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SpapOptions(FaspOptions):
+    num_stages: int = option(100, "penalty continuation stages", low=1)
+    growth: float = option(1.2, "penalty growth per stage", low=1.0, low_open=True)
+    rho0: float = option(1e-3, "initial penalty", low=0.0, low_open=True)
+    continuation_step: float = option(
+        0.01, "step of the capped-simplex update of the selection", low=0.0, low_open=True
+    )
+    max_swaps: int = option(1000, "most single column swaps after the continuation", low=0)
+    # Smaller gains are below what the calibration sample resolves (65k tokens on the shared
+    # models): at 1e-6 the search traded channels for them and lost TinyStories perplexity to
+    # fasp at 2 settings of 16, at 1e-4 at none, 3-10x sooner (bench/RESULTS.md).
+    swap_rtol: float = option(
+        1e-4, "a swap must lower the objective by this times ||W2 X||^2", low=0.0
+    )
 
 
 def couplings(spec, attention: bool) -> list[Coupling]:
@@ -115,33 +133,7 @@ def couplings(spec, attention: bool) -> list[Coupling]:
     return ([Coupling("attention", ("v",), "o", "o_in", "attn_in")] if attention else []) + [mlp]
 
 
-def parse_options(raw: Mapping[str, Any]) -> StructuredOptions:
-    fields = {f.name for f in dataclasses.fields(StructuredOptions)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise JpruneError(
-            f"unknown option {unknown[0]!r} for structured pruning (known: {', '.join(sorted(fields))})"
-        )
-    values = dict(raw)
-    if "layer_sparsity" in values:
-        if not isinstance(values["layer_sparsity"], list):
-            raise JpruneError("option layer_sparsity must be a JSON list of ratios")
-        values["layer_sparsity"] = tuple(float(v) for v in values["layer_sparsity"])
-    if values.get("allocation", "uniform") not in ("uniform", "ramp"):
-        raise JpruneError(
-            f"option allocation must be uniform or ramp, got {values['allocation']!r}"
-        )
-    if not isinstance(values.get("attention", False), bool):
-        raise JpruneError("option attention must be true or false")
-    correction = values.get("correction", 0.0)
-    if isinstance(correction, bool) or not isinstance(correction, int | float):
-        raise JpruneError(f"option correction must be a number in [0, 1], got {correction!r}")
-    if not 0 <= correction <= 1:
-        raise JpruneError(f"option correction must be in [0, 1], got {correction}")
-    return StructuredOptions(**values)
-
-
-def layer_sparsities(sparsity: float, num_layers: int, options: StructuredOptions) -> list[float]:
+def layer_sparsities(sparsity: float, num_layers: int, options: WandaSPOptions) -> list[float]:
     """Per-layer ratios: uniform, a linear ramp with the same mean, or the explicit list."""
     if options.layer_sparsity is not None:
         if len(options.layer_sparsity) != num_layers:
@@ -160,7 +152,7 @@ def num_removed(ratio: float, width: int) -> int:
     return math.floor(ratio * width + 0.5)
 
 
-def check_target(spec, arrays, sparsity: float, options: StructuredOptions, family_config):
+def check_target(spec, arrays, sparsity: float, options: WandaSPOptions, family_config):
     """Refuse, before any work, ratios that leave no channel and widths that cannot be exported."""
     if not 0 <= sparsity < 1:
         raise JpruneError(f"structured sparsity must be in [0, 1), got {sparsity}")
@@ -174,7 +166,9 @@ def check_target(spec, arrays, sparsity: float, options: StructuredOptions, fami
         )
     for i, ratio in enumerate(ratios):
         for coupling in couplings(spec, options.attention):
-            groups, width = _channel_groups(spec, coupling, arrays, i)
+            groups, width = _channel_groups(
+                spec, coupling, arrays[f"layers.{i}.{coupling.producers[0]}.weight"].shape[0]
+            )
             producer_rows = {arrays[f"layers.{i}.{p}.weight"].shape[0] for p in coupling.producers}
             consumer_cols = arrays[f"layers.{i}.{coupling.consumer}.weight"].shape[1]
             if producer_rows != {groups * width} or consumer_cols != _heads(spec, coupling) * width:
@@ -190,9 +184,9 @@ def check_target(spec, arrays, sparsity: float, options: StructuredOptions, fami
                 )
 
 
-def _channel_groups(spec, coupling: Coupling, arrays, i: int) -> tuple[int, int]:
-    """(groups, channels per group): kv heads x value width, or one group for the MLP."""
-    rows = arrays[f"layers.{i}.{coupling.producers[0]}.weight"].shape[0]
+def _channel_groups(spec, coupling: Coupling, rows: int) -> tuple[int, int]:
+    """(groups, channels per group) of ``rows`` producer rows: kv heads x value width, or one
+    group for the MLP."""
     if coupling.name == "attention":
         return spec.num_kv_heads, rows // spec.num_kv_heads
     return 1, rows
@@ -230,16 +224,13 @@ def _damped(gram, damp):
     return gram + _ridge_weight(gram, damp) * jnp.eye(gram.shape[0], dtype=gram.dtype)
 
 
-def target_shift(W2, gram, cross, correction: float):
-    """``S = correction W2 (X_dense - X) X^T``: how correcting upstream error moves the target.
-
-    The restoration's target is ``Y = W2 (X + correction (X_dense - X))`` on the pruned model's
-    inputs ``X``; its linear term is ``Y X^T = W2 G + S``. ``None`` (no dense stream, or
-    ``correction == 0``): the layer's own output, ``S = 0``.
-    """
-    if cross is None or correction == 0:
+def target_shift(W2, gram, target_gram):
+    """``S = W2 (Xt - X) X^T``: how an error-correcting target ``Y = W2 Xt`` moves the
+    restoration's linear term ``Y X^T = W2 G + S`` (``Xt``: ``methods.corrected_gram``).
+    ``None`` when the target is the layer's own output (``target_gram is gram``)."""
+    if target_gram is gram:
         return None
-    return correction * (W2 @ (cross - gram))
+    return W2 @ (target_gram - gram)
 
 
 def _plus(a, shift):
@@ -319,7 +310,7 @@ def _select(method, spec, coupling, weights, grams, groups, width, removed, opti
             num_stages=options.num_stages,
             growth=options.growth,
             rho0=options.rho0,
-            step=options.step,
+            step=options.continuation_step,
         )
         # The continuation ends in a local minimizer of the mixed-integer model; the column
         # score's selection is a second start. The one with the lower restoration objective
@@ -366,180 +357,98 @@ def _heads(spec, coupling: Coupling) -> int:
     return spec.num_heads if coupling.name == "attention" else 1
 
 
-# ---------------------------------------------------------------- the structured engine
+# ---------------------------------------------------------------- the block program
 
 
-def _grams(graphdef, state, batches, taps: tuple[str, ...]) -> dict[str, jax.Array]:
-    """``X X^T`` per tap, summed over the calibration batches by the engine's own loop."""
-    total = stream_grams(graphdef, taps, state, state, Activations(batches, EngineOptions()), None)
-    return {tap: g["gram"] for tap, g in total.items()}
+class ChannelProgram:
+    """A block program (``methods.base``): per block, the attention channels (if asked), then
+    the MLP's, each chosen from the Grams of the block as the previous stage left it."""
 
+    def __init__(self, method: str):
+        self.method = method
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _cross_gram_batch(graphdef, dense_graphdef, taps, state, dense_state, x, x_dense):
-    """Per tap ``X_dense X^T`` for one batch (the two blocks may differ in widths)."""
-    current = apply_block(graphdef, state, x)[1]
-    dense = apply_block(dense_graphdef, dense_state, x_dense)[1]
-    return {
-        tap: dense[tap].reshape(-1, dense[tap].shape[-1]).T
-        @ current[tap].reshape(-1, current[tap].shape[-1])
-        for tap in taps
-    }
-
-
-def _cross_gram(graphdef, state, batches, dense, tap: str) -> jax.Array:
-    """``X_dense X^T`` of a tap, summed over the batches of the two streams."""
-    dense_graphdef, dense_state, dense_batches = dense
-    total = 0.0
-    for x, x_dense in zip(batches, dense_batches, strict=True):
-        part = _cross_gram_batch(graphdef, dense_graphdef, (tap,), state, dense_state, x, x_dense)
-        total = total + part[tap]
-    return total
-
-
-def _tap_mean(graphdef, state, batches, tap: str) -> jax.Array:
-    total, count = 0.0, 0
-    for x in batches:
-        inputs = apply_block(graphdef, state, x)[1][tap]
-        total = total + jnp.sum(inputs.reshape(-1, inputs.shape[-1]), axis=0)
-        count += inputs.shape[0] * inputs.shape[1]
-    return total / count
-
-
-def _prune_coupling(
-    method, spec, arrays, i, coupling, ratio, graphdef, state, batches, options, dense=None
-):
-    """Choose and remove one coupling's channels in layer ``i``; update ``arrays``; a record.
-
-    ``dense``: ``(graphdef, state, batches)`` of the dense model's block ``i`` and its inputs,
-    when the restoration corrects upstream error (``correction > 0``).
-    """
-    prefix = f"layers.{i}"
-    taps = sorted({coupling.tap, coupling.producer_tap})
-    grams = _grams(graphdef, state, batches, tuple(taps))
-    weights = {
-        role: jnp.asarray(arrays[f"{prefix}.{role}.weight"], jnp.float32)
-        for role in (*coupling.producers, coupling.consumer)
-    }
-    W2, gram = weights[coupling.consumer], grams[coupling.tap]
-    cross = None
-    if dense is not None and options.correction > 0:
-        cross = _cross_gram(graphdef, state, batches, dense, coupling.tap)
-    shift = target_shift(W2, gram, cross, options.correction)
-    groups, width = _channel_groups(spec, coupling, arrays, i)
-    removed = num_removed(ratio, width)
-    started = time.perf_counter()
-    keep, info = _select(
-        method, spec, coupling, weights, grams, groups, width, removed, options, shift
-    )
-    columns = _column_channels(spec, coupling, groups, width)
-    keep_cols = keep[jnp.asarray(columns)]
-    bias_name = f"{prefix}.{coupling.consumer}.bias"
-    if method == "wanda-sp":
-        new_W2 = jnp.where(keep_cols, W2, 0)
-        if bias_name in arrays:
-            mean = _tap_mean(graphdef, state, batches, coupling.tap)
-            bias_shift = jnp.where(keep_cols, 0, W2) @ mean
-            arrays[bias_name] = np.asarray(
-                arrays[bias_name] + bias_shift.astype(arrays[bias_name].dtype)
-            )
-    else:
-        new_W2 = restore(W2, gram, keep_cols, options.damp, shift)
-    new_W2 = jax.block_until_ready(new_W2)
-    seconds = time.perf_counter() - started
-    error, reference = reconstruction_error(new_W2, W2, gram, None, gram)
-    keep_np, cols_np = np.asarray(keep), np.asarray(keep_cols)
-    dtype = arrays[f"{prefix}.{coupling.consumer}.weight"].dtype
-    arrays[f"{prefix}.{coupling.consumer}.weight"] = np.asarray(new_W2)[:, cols_np].astype(dtype)
-    for producer in coupling.producers:
-        for kind in ("weight", "bias"):
-            name = f"{prefix}.{producer}.{kind}"
-            if name in arrays:
-                arrays[name] = np.asarray(arrays[name])[keep_np]
-    return {
-        "block": i,
-        "role": coupling.name,
-        "shape": list(W2.shape),
-        "sparsity": float(1 - keep_np.mean()),
-        "channels": {"before": groups * width, "after": int(keep_np.sum())},
-        "relative_error": float(error / jnp.maximum(reference, 1e-30)),
-        "seconds": seconds,
-        "info": plain(info),
-    }
-
-
-def prune_structured(
-    model: CausalLM,
-    hf_config: Mapping[str, Any],
-    calibration: np.ndarray,
-    method: str,
-    sparsity: float,
-    options: StructuredOptions,
-    *,
-    batch_size: int = 8,
-    progress: Callable[[str, int, int], None] | None = None,
-    hf_names: Callable[[str], str] | None = None,
-) -> StructuredResult:
-    """Remove ``sparsity`` of the coupled channels of every block; return the smaller model.
-
-    ``calibration`` is (nsamples, seqlen) token ids. The returned ``config_updates`` and
-    ``extra_files`` make ``converters.hf.save_model`` write a checkpoint transformers loads.
-    """
-    if method not in STRUCTURED_METHODS:
-        raise JpruneError(
-            f"{method!r} is not a structured method ({', '.join(STRUCTURED_METHODS)})"
-        )
-    if method == "wanda-sp" and options.correction > 0:
-        raise JpruneError("wanda-sp restores nothing; option correction is for fasp and spap")
-    spec = model.spec
-    arrays = {k: np.asarray(v) for k, v in named_arrays(model).items()}
-    check_target(spec, arrays, sparsity, options, hf_config)
-    ratios = layer_sparsities(sparsity, spec.num_layers, options)
-    ids = jnp.asarray(calibration)
-    batches = [
-        embed_tokens(model, ids[s : s + batch_size]) for s in range(0, ids.shape[0], batch_size)
-    ]
-    # The dense model's stream, when the restoration corrects upstream error. ``arrays`` is
-    # updated by replacing entries, so this shallow copy keeps the dense weights.
-    dense_arrays = dict(arrays) if options.correction > 0 else None
-    dense_batches = batches
-    records = []
-    for i in range(spec.num_layers):
-        dense = None
-        if dense_arrays is not None:
-            dense = (*nnx.split(Block(dense_arrays, f"layers.{i}", spec)), dense_batches)
+    def stages(self, spec, options: WandaSPOptions, intra_block: bool) -> list[Stage]:
+        stages = []
         for coupling in couplings(spec, options.attention):
-            if progress is not None:
-                progress(f"block {i}: {coupling.name}", i, spec.num_layers)
-            graphdef, state = nnx.split(Block(arrays, f"layers.{i}", spec))
-            record = _prune_coupling(
-                method,
-                spec,
-                arrays,
-                i,
-                coupling,
-                ratios[i],
-                graphdef,
-                state,
-                batches,
-                options,
-                dense,
-            )
-            consumer = f"layers.{i}.{coupling.consumer}"
-            records.append({"name": hf_names(consumer) if hf_names else consumer, **record})
-        graphdef, state = nnx.split(Block(arrays, f"layers.{i}", spec))
-        batches = [apply_block(graphdef, state, x)[0] for x in batches]
-        if dense is not None:
-            dense_batches = [apply_block(dense[0], dense[1], x)[0] for x in dense_batches]
-    if progress is not None:
-        progress("done", spec.num_layers, spec.num_layers)
-    widths = [arrays[f"layers.{i}.down.weight"].shape[1] for i in range(spec.num_layers)]
-    v_heads = [
-        arrays[f"layers.{i}.v.weight"].shape[0] // spec.num_kv_heads for i in range(spec.num_layers)
-    ]
-    new_spec = dataclasses.replace(spec, intermediate_size=max(widths))
-    updates, files = export_config(spec, hf_config, widths, v_heads)
-    return StructuredResult(CausalLM(new_spec, arrays), records, updates, files)
+            wanted = {coupling.tap: {"gram"}}
+            if getattr(options, "correction", 0.0) > 0:
+                wanted[coupling.tap].add("cross")
+            if self.method == "wanda-sp":
+                wanted.setdefault(coupling.producer_tap, set()).add("gram")
+                if _consumer_bias(spec, coupling):
+                    wanted[coupling.tap].add("mean")
+            stages.append(Stage((coupling,), {t: frozenset(v) for t, v in wanted.items()}))
+        return stages
+
+    def check(self, spec, arrays, target: Channels, options, hf_config) -> None:
+        check_target(spec, arrays, target.sparsity, options, hf_config)
+
+    def solve(self, coupling: Coupling, context: UnitContext) -> UnitResult:
+        """Choose and remove one coupling's channels in the block."""
+        spec, params, options = context.spec, context.params, context.options
+        stats = context.stats[coupling.tap]
+        weights = {
+            role: jnp.asarray(params[f"{role}.weight"], jnp.float32)
+            for role in (*coupling.producers, coupling.consumer)
+        }
+        grams = {tap: s["gram"] for tap, s in context.stats.items()}
+        W2, gram = weights[coupling.consumer], stats["gram"]
+        target = corrected_gram(gram, stats.get("cross"), getattr(options, "correction", 0.0))
+        shift = target_shift(W2, gram, target)
+        groups, width = _channel_groups(
+            spec, coupling, params[f"{coupling.producers[0]}.weight"].shape[0]
+        )
+        ratios = layer_sparsities(context.target.sparsity, context.num_blocks, options)
+        removed = num_removed(ratios[context.block], width)
+        keep, info = _select(
+            self.method, spec, coupling, weights, grams, groups, width, removed, options, shift
+        )
+        keep_cols = keep[jnp.asarray(_column_channels(spec, coupling, groups, width))]
+        updates = {}
+        bias = f"{coupling.consumer}.bias"
+        if self.method == "wanda-sp":
+            new_W2 = jnp.where(keep_cols, W2, 0)
+            if "mean" in stats:
+                # The pruned channels' mean output moves into the bias (FLAP's compensation).
+                moved = jnp.where(keep_cols, 0, W2) @ (stats["mean"] / context.num_tokens)
+                updates[bias] = params[bias] + moved.astype(params[bias].dtype)
+        else:
+            new_W2 = restore(W2, gram, keep_cols, options.damp, shift)
+        dtype = params[f"{coupling.consumer}.weight"].dtype
+        updates[f"{coupling.consumer}.weight"] = new_W2[:, keep_cols].astype(dtype)
+        for producer in coupling.producers:
+            for kind in ("weight", "bias"):
+                if f"{producer}.{kind}" in params:
+                    updates[f"{producer}.{kind}"] = params[f"{producer}.{kind}"][keep]
+        channels = {"before": groups * width, "after": int(keep.sum())}
+        return UnitResult(
+            updates, coupling.name, coupling.consumer, new_W2, W2, info, channels=channels
+        )
+
+    def finish(self, model, hf_config, options):
+        """The smaller model (its spec's widest MLP) and the config changes of the export."""
+        from jprune.model import CausalLM, named_arrays
+
+        spec = model.spec
+        widths = [block.down.weight[...].shape[1] for block in model.layers]
+        v_heads = [block.v.weight[...].shape[0] // spec.num_kv_heads for block in model.layers]
+        new_spec = dataclasses.replace(spec, intermediate_size=max(widths))
+        updates, files = export_config(spec, hf_config, widths, v_heads)
+        return CausalLM(new_spec, named_arrays(model)), updates, files
+
+
+def _consumer_bias(spec, coupling: Coupling) -> bool:
+    return spec.o_bias if coupling.consumer == "o" else spec.mlp_bias
+
+
+STRUCTURED = {
+    "fasp": (FaspOptions, "coupled channels, column score, least-squares restoration"),
+    "spap": (SpapOptions, "channel selection by penalty continuation and swaps, exact refit"),
+    "wanda-sp": (WandaSPOptions, "column score, FLAP-style bias compensation (baseline)"),
+}
+for _name, (_options, _summary) in STRUCTURED.items():
+    register(Method(_name, _summary, _options, ChannelProgram(_name), structured=True))
+STRUCTURED_METHODS = tuple(STRUCTURED)
 
 
 def export_config(

@@ -2,6 +2,8 @@
 
 Every problem has rows ``w_i`` of ``W`` (m, d) sharing one PSD ``H`` (d, d):
 ``f(W) = 1/2 sum_i w_i H w_i^T - sum_i c_i . w_i``; a step for all rows is one GEMM ``W @ H``.
+Every solver returns its answer with an info whose ``result`` holds :class:`Result` codes
+(converged / hit the iteration cap / non-finite) as a traced int32 array.
 """
 
 from ._admm import lasso_admm
@@ -17,6 +19,7 @@ from ._continuation import (
     swap_columns,
 )
 from ._fista import LassoInfo, fista
+from ._info import Result, SolverInfo, result_codes
 from ._lam_search import LamSearchInfo, lam_search
 from ._quadratic import lipschitz
 from ._sparsity import (
@@ -42,6 +45,8 @@ __all__ = [
     "ContinuationInfo",
     "LamSearchInfo",
     "LassoInfo",
+    "Result",
+    "SolverInfo",
     "box_qp",
     "fista",
     "lam_search",
@@ -65,6 +70,7 @@ __all__ = [
     "project_pattern",
     "project_topk",
     "prox_l1",
+    "result_codes",
     "row_separable",
     "topk_mask",
 ]

@@ -31,8 +31,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._fista import LassoInfo, run_lasso
+from ._fista import run_lasso
 from ._implicit import lasso_solution
+from ._info import SolverInfo
 from ._loop import advance_active_rows, row_scale, run_loop
 from ._quadratic import extreme_eigenvalues
 from ._sparsity import prox_l1
@@ -130,10 +131,10 @@ def lasso_admm(
     mask: jax.Array | None = None,
     maxiter: int = 500,
     tol: float = 1e-5,
-) -> tuple[jax.Array, LassoInfo]:
+) -> tuple[jax.Array, SolverInfo]:
     """Solve the masked lasso of ``fista`` by ADMM with one shared ``(H + rho I)^{-1}``.
 
-    Same problem, arguments and :class:`LassoInfo` as :func:`fista`; differentiable in ``H``,
+    Same problem, arguments and :class:`SolverInfo` as :func:`fista`; differentiable in ``H``,
     ``C`` and ``lam`` by implicit differentiation. Fewer iterations than FISTA on
     ill-conditioned ``H``, for one Cholesky of ``H`` up front.
     """

@@ -14,13 +14,14 @@ fixes pruned weights at 0 and leaves kept weights free. Two methods, one API:
   time by ``lax.cond`` (under ``vmap`` both branches run, so pick a method there if you know it).
 
 Certificate: ``kkt = ||W - clip(W - (W H - C), lower, upper)||_inf`` per row, the projected
-gradient residual, zero iff ``W`` is optimal.
+gradient residual, zero iff ``W`` is optimal; ``gap`` is the duality gap over the entries whose
+gradient pushes toward a finite bound (``SolverInfo``), 0 for the fixed/free case.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +29,11 @@ import jax.numpy as jnp
 from ._apg import apg
 from ._cg import masked_cg
 from ._implicit import box_solution
+from ._info import SolverInfo, finite_rows, result_codes
 from ._quadratic import compute_dtype, lipschitz, row_objective
 from ._sparsity import project_box
 
-
-class BoxQPInfo(NamedTuple):
-    objective: jax.Array  # (m,) f_i(w_i)
-    kkt: jax.Array  # (m,) projected-gradient residual, inf-norm
-    num_steps: jax.Array  # (m,) iterations taken by each row
-    converged: jax.Array  # (m,) bool
-    iterations: jax.Array  # () iterations of the shared loop
+BoxQPInfo = SolverInfo  # the name from before every row solver returned one info type
 
 
 def _by_cg(maxiter, tol, H, C, lower, upper, W0):
@@ -67,6 +63,18 @@ def _solve(maxiter, tol, method, H, C, lower, upper, W0):
 _box = box_solution(_solve)
 
 
+def box_certificate(W, H, C, lower, upper):
+    """Per-row objective, duality gap and projected-gradient residual of the box QP at ``W``."""
+    G = W @ H - C
+    kkt = jnp.max(jnp.abs(W - project_box(W - G, lower, upper)), axis=-1)
+    # The bound each gradient pushes toward; an infinite one is dual infeasibility, which kkt
+    # measures, so it is left out (replaced by W, a zero term that keeps the gap finite).
+    target = jnp.where(G > 0, lower, upper)
+    target = jnp.where(jnp.isfinite(target), target, W)
+    gap = jnp.sum(G * (W - target), axis=-1)
+    return row_objective(W, H, C), gap, kkt
+
+
 @functools.partial(jax.jit, static_argnames=("maxiter", "tol", "method"))
 def box_qp(
     H: jax.Array,
@@ -78,13 +86,13 @@ def box_qp(
     maxiter: int = 1000,
     tol: float = 1e-5,
     method: Literal["auto", "cg", "apg"] = "auto",
-) -> tuple[jax.Array, BoxQPInfo]:
+) -> tuple[jax.Array, SolverInfo]:
     """Solve the box QP for all rows of ``C`` (m, d) with the shared ``H`` (d, d).
 
     ``lower`` / ``upper`` broadcast to (m, d) and may be infinite. With ``method="cg"`` every
     entry with ``lower < upper`` is treated as free (its bounds ignored). ``W0`` warm-starts
     (default zeros). Differentiable in ``H``, ``C`` and the bounds by implicit differentiation.
-    Returns ``W`` in ``C``'s dtype and a :class:`BoxQPInfo`.
+    Returns ``W`` in ``C``'s dtype and a :class:`SolverInfo` whose objective is ``f_i(w_i)``.
     """
     if method not in ("auto", "cg", "apg"):
         raise ValueError(f"unknown box_qp method {method!r}")
@@ -94,7 +102,7 @@ def box_qp(
     upper = jnp.broadcast_to(jnp.asarray(upper, dtype), C.shape)
     W0 = jnp.zeros(C.shape, dtype) if W0 is None else W0.astype(dtype)
     W, (num_steps, converged, iterations) = _box(maxiter, tol, method, H32, C32, lower, upper, W0)
-    G = W @ H32 - C32
-    kkt = jnp.max(jnp.abs(W - project_box(W - G, lower, upper)), axis=-1)
-    info = BoxQPInfo(row_objective(W, H32, C32), kkt, num_steps, converged, iterations)
-    return W.astype(C.dtype), info
+    objective, gap, kkt = box_certificate(W, H32, C32, lower, upper)
+    W = W.astype(C.dtype)
+    result = result_codes(converged, finite_rows(W, objective))
+    return W, SolverInfo(objective, gap, kkt, num_steps, converged, iterations, result)

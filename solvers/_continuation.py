@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
 from ._box_qp import box_qp
+from ._info import finite_rows, result_codes
 from ._loop import run_loop
 from ._quadratic import compute_dtype, row_objective
 from ._sparsity import Pattern, check_pattern_fits, keep_mask, row_separable, topk_mask
@@ -48,6 +49,9 @@ class ContinuationInfo(NamedTuple):
     stages: jax.Array  # () stages run
     settled: jax.Array  # () bool: the relaxed decision was binary and stable at the end
     objective: jax.Array  # (m,) f(W) of the refit
+    # (m,) int32 Result: CONVERGED if settled, MAX_ITERATIONS if the schedule ran out first,
+    # NONFINITE for a row whose W or objective is not finite.
+    result: jax.Array
     swaps: jax.Array | int = 0  # () single swaps made after the schedule (select_columns)
     local_minimum: jax.Array | bool = False  # () no single swap improves the final selection
 
@@ -55,6 +59,13 @@ class ContinuationInfo(NamedTuple):
 class SwapInfo(NamedTuple):
     swaps: jax.Array  # () int32, swaps made
     local_minimum: jax.Array  # () bool: no single swap lowers the objective
+
+    # A property, not a field: it is ``local_minimum`` as a code, and callers unpack the info
+    # as a pair.
+    @property
+    def result(self) -> jax.Array:
+        """() int32 Result: CONVERGED at a single-swap local minimum, else MAX_ITERATIONS."""
+        return result_codes(self.local_minimum, True)
 
 
 class _SwapState(NamedTuple):
@@ -151,6 +162,14 @@ def penalty_continuation(
     return run_loop(stage, init, maxiter=rhos.shape[0])
 
 
+def _outcome(W, out_dtype, H, C, state: ContinuationState, **swaps):
+    """``W`` in ``out_dtype`` and its :class:`ContinuationInfo` (``swaps``: its swap fields)."""
+    objective = row_objective(W, H, C)
+    W = W.astype(out_dtype)
+    result = result_codes(state.converged, finite_rows(W, objective))
+    return W, ContinuationInfo(state.iteration, state.converged, objective, result, **swaps)
+
+
 def _ridge(H: jax.Array, B: jax.Array, diag: jax.Array) -> jax.Array:
     """All rows of ``W (H + diag(diag)) = B`` with one Cholesky factorization."""
     factor = jsl.cho_factor(H + jnp.diag(diag))
@@ -244,10 +263,8 @@ def select_columns(
         better = jnp.sum(row_objective(swapped, H, C32)) <= start
         pruned = jnp.where(better, ~kept, pruned)
         W = jnp.where(better, swapped, W)
-    info = ContinuationInfo(
-        state.iteration, state.converged, row_objective(W, H, C32), made, local_minimum
-    )
-    return pruned, W.astype(C.dtype), info
+    W, info = _outcome(W, C.dtype, H, C32, state, swaps=made, local_minimum=local_minimum)
+    return pruned, W, info
 
 
 @functools.partial(
@@ -333,5 +350,5 @@ def sparse_least_squares(
         return keep_better(best, refit_on(mask, jnp.where(mask, V, 0))), None
 
     (W, mask), _ = jax.lax.scan(pursue, best, None, length=pursuit)
-    info = ContinuationInfo(state.iteration, state.converged, row_objective(W, H, C32))
-    return mask, W.astype(C.dtype), info
+    W, info = _outcome(W, C.dtype, H, C32, state)
+    return mask, W, info

@@ -15,24 +15,17 @@ Certificate: the duality gap of the Gram-form dual ``max_u -1/2 u H u^T`` s.t.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ._apg import apg
 from ._implicit import lasso_solution
+from ._info import SolverInfo, finite_rows, result_codes
 from ._quadratic import compute_dtype, lipschitz, per_row, row_objective
 from ._sparsity import prox_l1
 
-
-class LassoInfo(NamedTuple):
-    objective: jax.Array  # (m,) f_i(w_i) + lam_i ||w_i||_1
-    gap: jax.Array  # (m,) duality gap
-    kkt: jax.Array  # (m,) inf-norm of the minimum-norm subgradient
-    num_steps: jax.Array  # (m,) iterations taken by each row
-    converged: jax.Array  # (m,) bool
-    iterations: jax.Array  # () iterations of the shared loop
+LassoInfo = SolverInfo  # the name from before every row solver returned one info type
 
 
 def _solve(maxiter, tol, H, C, lam, W0, mask):
@@ -72,18 +65,19 @@ def fista(
     mask: jax.Array | None = None,
     maxiter: int = 500,
     tol: float = 1e-5,
-) -> tuple[jax.Array, LassoInfo]:
+) -> tuple[jax.Array, SolverInfo]:
     """Solve the masked lasso for all rows of ``C`` (m, d) with the shared ``H`` (d, d).
 
     ``lam`` is a scalar or one value per row; ``W0`` warm-starts (default zeros); ``mask``
     (bool, m x d) fixes the entries outside it at 0. A row stops when its gradient mapping is
     below ``tol * ||c_i||``. Differentiable in ``H``, ``C`` and ``lam`` by implicit
-    differentiation. Returns ``W`` in ``C``'s dtype and a :class:`LassoInfo`.
+    differentiation. Returns ``W`` in ``C``'s dtype and a :class:`SolverInfo` whose objective
+    is ``f_i(w_i) + lam_i ||w_i||_1``.
     """
     return run_lasso(_lasso, H, C, lam, W0, mask, maxiter, tol)
 
 
-def run_lasso(solve, H, C, lam, W0, mask, maxiter, tol) -> tuple[jax.Array, LassoInfo]:
+def run_lasso(solve, H, C, lam, W0, mask, maxiter, tol) -> tuple[jax.Array, SolverInfo]:
     """The lasso solvers' shared front end: compute dtype, per-row ``lam``, default start and
     mask, then ``solve(maxiter, tol, H, C, lam, W0, mask) -> (W, stats)`` and the certificate."""
     dtype = compute_dtype(H, C, W0)
@@ -93,4 +87,6 @@ def run_lasso(solve, H, C, lam, W0, mask, maxiter, tol) -> tuple[jax.Array, Lass
     mask = jnp.ones(C.shape, bool) if mask is None else jnp.broadcast_to(mask, C.shape)
     W, (num_steps, converged, iterations) = solve(maxiter, tol, H32, C32, lam_rows, W0, mask)
     objective, gap, kkt = lasso_certificate(W, H32, C32, lam_rows, mask)
-    return W.astype(C.dtype), LassoInfo(objective, gap, kkt, num_steps, converged, iterations)
+    W = W.astype(C.dtype)
+    result = result_codes(converged, finite_rows(W, objective))
+    return W, SolverInfo(objective, gap, kkt, num_steps, converged, iterations, result)

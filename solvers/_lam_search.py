@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from ._admm import admm_solve, factorize
-from ._fista import LassoInfo, fista, lasso_certificate, run_lasso
+from ._fista import fista, lasso_certificate, run_lasso
+from ._info import Result, SolverInfo, finite_rows
 from ._quadratic import compute_dtype
 from ._sparsity import NM, Pattern, check_pattern_fits, project_pattern, row_separable
 
@@ -28,8 +29,11 @@ class LamSearchInfo(NamedTuple):
     lam: jax.Array  # (m,) the chosen lam of each row (equal across rows for a matrix scope)
     feasible: jax.Array  # (m,) the chosen lam leaves enough nonzeros for the pattern
     nnz_lasso: jax.Array  # (m,) nonzeros of the lasso solution before the projection
-    lasso: LassoInfo  # solver info of the chosen lasso solve
+    lasso: SolverInfo  # solver info of the chosen lasso solve
     objective: jax.Array  # (m,) lasso objective after the projection
+    # (m,) int32 Result: the chosen lasso solve's, NONFINITE also for a row whose projected W
+    # or objective is not finite.
+    result: jax.Array
 
 
 def _feasible(W: jax.Array, pattern: Pattern) -> jax.Array:
@@ -117,5 +121,7 @@ def lam_search(
     W = project_pattern(W_best, pattern)
     lam = jnp.exp(log_lam)
     objective, _, _ = lasso_certificate(W, H, C, lam, mask)
-    info = LamSearchInfo(lam, feasible_best, (W_best != 0).sum(-1), info_best, objective)
-    return W.astype(out_dtype), info
+    W = W.astype(out_dtype)
+    result = jnp.where(finite_rows(W, objective), info_best.result, Result.NONFINITE)
+    nnz = (W_best != 0).sum(-1)
+    return W, LamSearchInfo(lam, feasible_best, nnz, info_best, objective, result)

@@ -62,3 +62,35 @@ def zoo(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("zoo")
     return {name: hf_zoo.build(name, root / name) for name in hf_zoo.ARCHITECTURES}
+
+
+def prune_with(model, method, **settings):
+    """``jprune.prune`` with the configuration given as flat keywords (``PruneConfig.of``)."""
+    import jprune.prune as jp
+    from jprune.config import PruneConfig
+
+    return jp.prune(PruneConfig.of(model, method, **settings))
+
+
+def run_on_eight_devices(root, script_text: str, *args, timeout: int = 1200):
+    """Run ``script_text`` in a subprocess with 8 virtual CPU devices; the JSON of its last
+    line. The device count must be set before JAX starts, hence the subprocess."""
+    import json
+    import subprocess
+
+    script = root / "run.py"
+    script.write_text(script_text)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    done = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

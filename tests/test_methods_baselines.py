@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jprune.errors import JpruneError
 from jprune.methods import METHODS, LayerProblem
 from jprune.methods.sparsegpt import sparsegpt_prune
 from jprune.methods.wanda import wanda_scores
@@ -231,5 +232,5 @@ def test_sparsegpt_keeps_low_precision_dtype():
 
 def test_sparsegpt_refuses_misaligned_nm_blocks():
     problem = problem_of(*random_layer(4, 24, 30))
-    with pytest.raises(ValueError, match="multiple of M"):
+    with pytest.raises(JpruneError, match="multiple of M"):
         METHODS["sparsegpt"](problem, NM(2, 4), blocksize=6)

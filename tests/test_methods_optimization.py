@@ -12,8 +12,7 @@ import pytest
 from test_methods_baselines import problem_of, random_layer
 
 from jprune.errors import JpruneError
-from jprune.methods import METHODS, LayerProblem
-from jprune.methods.fista import corrected
+from jprune.methods import METHODS, LayerProblem, corrected_gram
 from jprune.solvers import NM, Unstructured, num_pruned
 
 from conftest import CALIB_TEXT, STORIES260K
@@ -86,7 +85,7 @@ def test_fista_without_refit_is_the_lam_search(layer):
     refit = METHODS["fista"](problem, pattern)
     assert int((np.asarray(plain.weight) == 0).sum()) == num_pruned(pattern, weight.shape)
     assert np.isfinite(error(plain.weight, weight, x))
-    assert plain.info["lam"] > 0 and "swaps_used" not in plain.info
+    assert plain.info["lam"] > 0 and "pursuit_steps_used" not in plain.info
     # The rounded lasso answer is shrunk; refitting its mask can only help.
     assert error(refit.weight, weight, x) < error(plain.weight, weight, x)
 
@@ -135,15 +134,13 @@ def test_fista_correction_is_least_squares_to_the_blended_target(correction):
     assert residual(pruned) < residual(elsewhere)
 
 
-def test_fista_corrected_problem_blends_the_linear_term(layer):
+def test_corrected_gram_blends_the_linear_term(layer):
     weight, x, _ = layer
     gram, cross = jnp.eye(4) * 2.0, jnp.ones((4, 4))
-    problem = LayerProblem(jnp.ones((3, 4)), gram, cross, 10, "test")
-    assert corrected(problem, 1.0) is problem
-    np.testing.assert_array_equal(corrected(problem, 0.0).target_gram, gram)
-    np.testing.assert_allclose(corrected(problem, 0.25).target_gram, 0.25 * cross + 0.75 * gram)
-    own = problem._replace(cross_gram=None)  # no dense stream: nothing to correct
-    assert corrected(own, 0.25) is own
+    assert corrected_gram(gram, cross, 1.0) is cross
+    assert corrected_gram(gram, cross, 0.0) is gram
+    np.testing.assert_allclose(corrected_gram(gram, cross, 0.25), 0.25 * cross + 0.75 * gram)
+    assert corrected_gram(gram, None, 0.25) is gram  # no dense stream: nothing to correct
     with pytest.raises(JpruneError, match="correction"):
         METHODS["fista"](problem_of(weight, x), NM(2, 4), correction=1.5)
 
@@ -162,11 +159,13 @@ def test_end_to_end_2of4(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jprune.prune import prune
+    from conftest import prune_with
 
     for method in ("fista", "optima"):
         out = tmp_path / method
-        prune(STORIES260K, method, pattern="2:4", calib=CALIB_TEXT, nsamples=8, seqlen=128, out=out)
+        prune_with(
+            STORIES260K, method, pattern="2:4", calib=CALIB_TEXT, nsamples=8, seqlen=128, out=out
+        )
         model = AutoModelForCausalLM.from_pretrained(out)
         linears = [
             (name, module.weight.detach())

@@ -9,13 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import jprune.prune as jp
 from jprune.cli import main
 from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
 from jprune.errors import JpruneError
 from jprune.solvers import num_pruned, parse_pattern
 
-from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K, assert_exact_pattern
+from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K, assert_exact_pattern, prune_with
 
 SMALL = dict(calib=CALIB_TEXT, nsamples=8, seqlen=128, seed=0)
 
@@ -42,7 +41,7 @@ def _transformers_perplexity(model, text, seqlen):
 )
 def test_exact_sparsity_after_reload(assets, tmp_path, method, target):
     out = tmp_path / "pruned"
-    report = jp.prune(STORIES260K, method, **target, **SMALL, out=out)
+    report = prune_with(STORIES260K, method, **target, **SMALL, out=out)
     nm = tuple(int(v) for v in target["pattern"].split(":")) if "pattern" in target else None
     assert_exact_pattern(out, sparsity=target.get("sparsity"), nm=nm)
     written = json.loads((out / "report.json").read_text())
@@ -59,7 +58,7 @@ def test_exact_sparsity_after_reload(assets, tmp_path, method, target):
 
 def test_reported_perplexity_matches_transformers_on_reload(assets, tmp_path):
     out = tmp_path / "wanda"
-    report = jp.prune(
+    report = prune_with(
         STORIES260K,
         "wanda",
         sparsity=0.5,
@@ -85,7 +84,7 @@ def test_engine_modes_differ_and_all_reach_the_target(assets):
         "parallel": {"sequential": False},
         "intra": {"intra_block": True},
     }.items():
-        report = jp.prune(STORIES260K, "sparsegpt", sparsity=0.5, **SMALL, **kwargs)
+        report = prune_with(STORIES260K, "sparsegpt", sparsity=0.5, **SMALL, **kwargs)
         assert report["summary"]["sparsity"] == pytest.approx(0.5)
         errors[label] = [layer["relative_error"] for layer in report["layers"]]
     # block 0 sees the same inputs in sequential and parallel mode, later blocks do not
@@ -101,7 +100,7 @@ def test_intra_block_stages_from_the_cached_attention_see_the_same_inputs(assets
     import jprune.engine as engine
 
     def run():
-        report = jp.prune(STORIES260K, "sparsegpt", sparsity=0.5, **SMALL, intra_block=True)
+        report = prune_with(STORIES260K, "sparsegpt", sparsity=0.5, **SMALL, intra_block=True)
         return report["layers"]
 
     cached = run()
@@ -126,7 +125,7 @@ def test_prunes_opt_with_biases(zoo, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("a b c d e " * 400)
     out = tmp_path / "opt-pruned"
-    jp.prune(source, "sparsegpt", pattern="2:4", calib=text, nsamples=4, seqlen=64, out=out)
+    prune_with(source, "sparsegpt", pattern="2:4", calib=text, nsamples=4, seqlen=64, out=out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     fc1 = model.model.decoder.layers[0].fc1.weight
     assert ((fc1 != 0).reshape(fc1.shape[0], -1, 4).sum(-1) == 2).all()
@@ -145,7 +144,10 @@ def test_prunes_opt_with_biases(zoo, tmp_path):
         (["--pattern", "4:8"], "divide the input width 172"),
         (["--sparsity", "0.5", "--nsamples", "100000"], "is more than"),
         (["--sparsity", "0.5", "--calib", "/nonexistent/calib.txt"], "does not exist"),
-        (["--sparsity", "0.5", "--row-blocks", "-1"], "row_blocks must be 0 (off)"),
+        (
+            ["--sparsity", "0.5", "--row-blocks", "-1"],
+            "'row_blocks' must be an integer in [0, inf], got -1",
+        ),
     ],
 )
 def test_bad_input_is_refused_with_one_line_and_nothing_written(
@@ -187,32 +189,37 @@ def test_unknown_method_and_existing_out_are_refused(assets, tmp_path):
             ]
         )
     with pytest.raises(JpruneError, match="unknown method 'nope'"):
-        jp.prune(STORIES260K, "nope", sparsity=0.5, **SMALL)
+        prune_with(STORIES260K, "nope", sparsity=0.5, **SMALL)
     (tmp_path / "exists").mkdir()
     with pytest.raises(JpruneError, match="already exists"):
-        jp.prune(STORIES260K, "wanda", sparsity=0.5, **SMALL, out=tmp_path / "exists")
+        prune_with(STORIES260K, "wanda", sparsity=0.5, **SMALL, out=tmp_path / "exists")
 
 
 @pytest.mark.parametrize("precision", ["float32", "tensorfloat32"])
 def test_matmul_precision_is_in_force_during_the_run(assets, monkeypatch, precision):
     # The precision policy (README): every GEMM of a run uses the requested precision, so a GPU
     # never drops the Grams and solvers to TF32 unless asked. A spy method reads the setting.
+    import dataclasses
+
     import jax
 
     from jprune.methods import base, magnitude
 
     seen = []
 
-    def spy(problem, pattern):
+    def spy(problem, pattern, options):
         seen.append(jax.config.jax_default_matmul_precision)
         return magnitude.magnitude(problem, pattern)
 
-    monkeypatch.setitem(base.METHODS, "spy", spy)
-    report = jp.prune(
+    spy_method = dataclasses.replace(
+        magnitude.magnitude, name="spy", program=base.LinearProgram(spy), layer=spy
+    )
+    monkeypatch.setitem(base.METHODS, "spy", spy_method)
+    report = prune_with(
         STORIES260K, "spy", sparsity=0.5, **SMALL, evaluate_dense=False, matmul_precision=precision
     )
     assert seen and set(seen) == {precision}
-    assert report["settings"]["matmul_precision"] == precision
+    assert report["config"]["engine"]["matmul_precision"] == precision
     assert jax.config.jax_default_matmul_precision is None  # restored after the run
-    with pytest.raises(JpruneError, match="matmul precision 'bf16'"):
-        jp.prune(STORIES260K, "wanda", sparsity=0.5, **SMALL, matmul_precision="bf16")
+    with pytest.raises(JpruneError, match="matmul_precision' must be one of float32"):
+        prune_with(STORIES260K, "wanda", sparsity=0.5, **SMALL, matmul_precision="bf16")

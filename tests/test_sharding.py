@@ -16,11 +16,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import jprune.prune as jp
 from jprune.engine import canonical_gram
 from jprune.sharding import make_mesh, pad_rows
 
-from conftest import CALIB_TEXT, STORIES260K, assert_exact_pattern, decoder_linears
+from conftest import (
+    CALIB_TEXT,
+    STORIES260K,
+    assert_exact_pattern,
+    decoder_linears,
+    prune_with,
+    run_on_eight_devices,
+)
 
 SCRIPT = textwrap.dedent(
     """
@@ -28,6 +34,9 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     import jprune.prune as jp
+    from jprune.config import PruneConfig
+    def prune_with(model, method, **settings):
+        return jp.prune(PruneConfig.of(model, method, **settings))
     from jprune.converters.hf import load_model
     from jprune.data import calibration_windows, load_tokenizer, read_text, tokenize
     from jprune.engine import EngineOptions, _solve_layer, accumulate_grams
@@ -42,7 +51,7 @@ SCRIPT = textwrap.dedent(
     def layer_check(method, problem):
         answers = {
             m: np.asarray(
-                _solve_layer(get_method(method), problem, Unstructured(0.5), EngineOptions(mesh=make_mesh(m)))[0]
+                _solve_layer(get_method(method).layer, problem, Unstructured(0.5), get_method(method).options(), EngineOptions(mesh=make_mesh(m)))[0]
             )
             for m in meshes
         }
@@ -69,26 +78,26 @@ SCRIPT = textwrap.dedent(
         # 2. The whole model, calibration batches split across devices too, in the reproducible
         #    mode (row_blocks=8), and once on one device in the default mode for comparison.
         for m in meshes:
-            report = jp.prune(
+            report = prune_with(
                 model_dir, method, sparsity=0.5, calib=calib, nsamples=8, seqlen=64, mesh=m,
                 out=f"{out}/{method}-mesh{m}", row_blocks=8, evaluate_dense=False,
             )
             assert report["machine"]["mesh_devices"] == m
             result["model"][m] = report["summary"]["relative_error_sum"]
-        report = jp.prune(
+        report = prune_with(
             model_dir, method, sparsity=0.5, calib=calib, nsamples=8, seqlen=64,
             evaluate_dense=False,
         )
         result["default"] = report["summary"]["relative_error_sum"]
     # 3. A per-layer budget couples the rows: the reproducible mode replicates such layers.
     for m in (1, 8):
-        jp.prune(
+        prune_with(
             model_dir, "fista", sparsity=0.5, scope="matrix", calib=calib, nsamples=8, seqlen=64,
             mesh=m, out=f"{out}/fista-matrix-mesh{m}", row_blocks=8, evaluate_dense=False,
         )
     # 4. Row blocks the mesh does not divide are refused before anything is written.
     try:
-        jp.prune(model_dir, "magnitude", sparsity=0.5, calib=calib, nsamples=8, seqlen=64,
+        prune_with(model_dir, "magnitude", sparsity=0.5, calib=calib, nsamples=8, seqlen=64,
                  mesh=8, row_blocks=4, out=f"{out}/refused")
         raise AssertionError("row_blocks=4 on 8 devices was accepted")
     except jp.JpruneError as err:
@@ -116,42 +125,14 @@ def test_canonical_gram_is_the_gram_summed_in_a_fixed_tree():
     np.testing.assert_array_equal(gram, tree)
 
 
-def test_structured_methods_refuse_row_blocks(assets, tmp_path):
-    with pytest.raises(jp.JpruneError, match="applies to unstructured methods"):
-        jp.prune(
-            STORIES260K, "fasp", sparsity=0.2, calib=CALIB_TEXT, row_blocks=8, out=tmp_path / "o"
-        )
-    assert not (tmp_path / "o").exists()
-
-
 @pytest.fixture(scope="module")
 def sharded_runs(assets, tmp_path_factory):
     """One subprocess with 8 virtual devices prunes with every method on every mesh."""
     root = tmp_path_factory.mktemp("sharded")
-    script = root / "run.py"
-    script.write_text(SCRIPT)
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            str(STORIES260K),
-            str(CALIB_TEXT),
-            ",".join(METHODS),
-            str(root),
-            *MESHES,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    results = run_on_eight_devices(
+        root, SCRIPT, STORIES260K, CALIB_TEXT, ",".join(METHODS), root, *MESHES
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return root, json.loads(done.stdout.strip().splitlines()[-1])
+    return root, results
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -199,7 +180,7 @@ def test_row_blocks_the_mesh_does_not_divide_are_refused(sharded_runs):
 def test_bfloat16_weights_keep_float32_grams(assets, tmp_path):
     """Precision policy: bf16 weights in and out, Grams and solver arithmetic in float32."""
     out = tmp_path / "bf16"
-    report = jp.prune(
+    report = prune_with(
         STORIES260K,
         "sparsegpt",
         pattern="2:4",
@@ -209,7 +190,7 @@ def test_bfloat16_weights_keep_float32_grams(assets, tmp_path):
         dtype="bfloat16",
         out=out,
     )
-    assert report["settings"]["dtype"] == "bfloat16"
+    assert report["config"]["model"]["dtype"] == "bfloat16"
     config = json.loads((Path(out) / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -263,7 +244,7 @@ def test_two_processes_prune_like_one_device(assets, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["machine"]["processes"] == 2 and report["machine"]["mesh_devices"] == 4
     single_out = tmp_path / "single"
-    single = jp.prune(
+    single = prune_with(
         STORIES260K,
         "fista",
         sparsity=0.5,

@@ -1,7 +1,9 @@
 """Contract tests over a registry of every solver: same checks for each.
 
 eager == jit, vmap over independent problems == a Python loop, no retrace on a second call,
-float32 and float64 in -> same dtype out, bfloat16 W/C with float32 accumulation.
+float32 and float64 in -> same dtype out, bfloat16 W/C with float32 accumulation, and one int32
+``Result`` code per row: CONVERGED with enough iterations, MAX_ITERATIONS when capped, NONFINITE
+for a nan/inf in ``H`` or ``C``.
 """
 
 import functools
@@ -14,13 +16,16 @@ from test_solvers_reference import make_problem
 
 from jprune.solvers import (
     NM,
+    Result,
     Unstructured,
     box_qp,
     fista,
     lam_search,
     lasso_admm,
+    result_codes,
     select_columns,
     sparse_least_squares,
+    swap_columns,
 )
 
 M, D = 4, 16
@@ -36,35 +41,40 @@ def _bounds(C):
 
 def _drop_decision(solve):
     @functools.wraps(solve)
-    def wrapped(H, C):
-        _, W, info = solve(H, C)
+    def wrapped(H, C, *iters):
+        _, W, info = solve(H, C, *iters)
         return W, info
 
     return wrapped
 
 
-# Each entry maps (H, C) -> (W, info); knobs and masks are fixed per entry.
+# Each entry maps (H, C, iters) -> (W, info); knobs and masks are fixed per entry, ``iters`` is
+# the iteration cap (``maxiter``; ``num_stages`` for the continuations) with a per-entry default.
 SOLVERS = {
-    "fista": lambda H, C: fista(H, C, 0.05, maxiter=60),
-    "fista_masked": lambda H, C: fista(H, C, 0.05, mask=_keep, maxiter=60),
-    "lasso_admm": lambda H, C: lasso_admm(H, C, 0.05, maxiter=60),
-    "lasso_admm_masked": lambda H, C: lasso_admm(H, C, 0.05, mask=_keep, maxiter=60),
-    "box_qp_apg": lambda H, C: box_qp(H, C, -0.3, 0.3, maxiter=60, method="apg"),
-    "box_qp_cg": lambda H, C: box_qp(H, C, *_bounds(C), maxiter=60, method="cg"),
-    "box_qp_auto": lambda H, C: box_qp(H, C, *_bounds(C), maxiter=60),
-    "lam_search": lambda H, C: lam_search(H, C, Unstructured(0.5), num_bisect=4, maxiter=30),
-    "lam_search_admm": lambda H, C: lam_search(
-        H, C, Unstructured(0.5), num_bisect=4, maxiter=30, solver="admm"
+    "fista": lambda H, C, iters=60: fista(H, C, 0.05, maxiter=iters),
+    "fista_masked": lambda H, C, iters=60: fista(H, C, 0.05, mask=_keep, maxiter=iters),
+    "lasso_admm": lambda H, C, iters=60: lasso_admm(H, C, 0.05, maxiter=iters),
+    "lasso_admm_masked": lambda H, C, iters=60: lasso_admm(H, C, 0.05, mask=_keep, maxiter=iters),
+    "box_qp_apg": lambda H, C, iters=60: box_qp(H, C, -0.3, 0.3, maxiter=iters, method="apg"),
+    "box_qp_cg": lambda H, C, iters=60: box_qp(H, C, *_bounds(C), maxiter=iters, method="cg"),
+    "box_qp_auto": lambda H, C, iters=60: box_qp(H, C, *_bounds(C), maxiter=iters),
+    "lam_search": lambda H, C, iters=30: lam_search(
+        H, C, Unstructured(0.5), num_bisect=4, maxiter=iters
     ),
-    "select_columns": _drop_decision(lambda H, C: select_columns(H, C, 4, num_stages=8)),
+    "lam_search_admm": lambda H, C, iters=30: lam_search(
+        H, C, Unstructured(0.5), num_bisect=4, maxiter=iters, solver="admm"
+    ),
+    "select_columns": _drop_decision(
+        lambda H, C, iters=8: select_columns(H, C, 4, num_stages=iters)
+    ),
     "sparse_least_squares": _drop_decision(
-        lambda H, C: sparse_least_squares(H, C, NM(2, 4), num_stages=8, maxiter=60)
+        lambda H, C, iters=8: sparse_least_squares(H, C, NM(2, 4), num_stages=iters, maxiter=60)
     ),
 }
 
 
-def _problem(seed, dtype=jnp.float32):
-    _, _, H, C = make_problem(M, D, cond="ill", seed=seed)
+def _problem(seed, dtype=jnp.float32, cond="ill"):
+    _, _, H, C = make_problem(M, D, cond=cond, seed=seed)
     return jnp.asarray(H, dtype), jnp.asarray(C, dtype)
 
 
@@ -134,3 +144,67 @@ def test_bfloat16_weights_accumulate_in_float32(name):
     W_ref, _ = solve(H, C.astype(jnp.bfloat16).astype(jnp.float32))
     # Same float32 computation, only the output is rounded to bfloat16.
     _close(W_bf16, W_ref.astype(jnp.bfloat16), 1e-6)
+
+
+def test_result_codes_nonfinite_wins():
+    converged = jnp.array([True, False, True, False])
+    finite = jnp.array([True, True, False, False])
+    codes = result_codes(converged, finite)
+    assert codes.dtype == jnp.int32
+    np.testing.assert_array_equal(codes, [0, 1, 2, 2])
+    assert [Result.CONVERGED, Result.MAX_ITERATIONS, Result.NONFINITE] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_result_is_one_int32_code_per_row(name, dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        _, info = SOLVERS[name](*_problem(0, dtype))
+        assert info.result.dtype == jnp.int32 and info.result.shape == (M,)
+        assert set(np.asarray(info.result).tolist()) <= set(Result)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_result_converged_with_enough_iterations(name):
+    _, info = SOLVERS[name](*_problem(0, cond="well"), 200)
+    np.testing.assert_array_equal(info.result, Result.CONVERGED)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_result_max_iterations_when_capped(name):
+    _, info = SOLVERS[name](*_problem(0, cond="well"), 1)
+    np.testing.assert_array_equal(info.result, Result.MAX_ITERATIONS)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("bad", ["nan_in_H", "inf_in_C"])
+def test_result_nonfinite_on_nonfinite_input(name, bad):
+    H, C = _problem(0, cond="well")
+    if bad == "nan_in_H":
+        H, rows = H.at[3, 5].set(jnp.nan), slice(None)  # every row's gradient meets it
+    else:
+        C, rows = C.at[1, 2].set(jnp.inf), 1
+    W, info = SOLVERS[name](H, C)
+    result = np.asarray(info.result)
+    assert np.all(result[rows] == Result.NONFINITE)
+    # NONFINITE marks exactly the rows whose answer or objective is not finite.
+    finite = np.isfinite(np.asarray(W)).all(-1) & np.isfinite(np.asarray(info.objective))
+    np.testing.assert_array_equal(result == Result.NONFINITE, ~finite)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_result_is_traced_under_jit_and_vmap(name):
+    H, C = _problem(0, cond="well")
+    H, C = jnp.stack([H, H.at[3, 5].set(jnp.nan)]), jnp.stack([C, C])
+    _, info = jax.jit(jax.vmap(lambda H, C: SOLVERS[name](H, C, 200)))(H, C)
+    np.testing.assert_array_equal(info.result[0], Result.CONVERGED)
+    np.testing.assert_array_equal(info.result[1], Result.NONFINITE)
+
+
+def test_swap_result_is_local_minimum_as_a_code():
+    H, C = _problem(0, cond="well")
+    start = jnp.arange(D) >= 4
+    for max_swaps, expected in [(0, Result.MAX_ITERATIONS), (100, Result.CONVERGED)]:
+        _, info = swap_columns(H, C, start, 4, max_swaps=max_swaps)
+        assert info.result.dtype == jnp.int32 and info.result.shape == ()
+        assert int(info.result) == expected and bool(info.local_minimum) == (max_swaps > 0)

@@ -36,38 +36,29 @@ Choices beyond the paper, each an option:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jprune.errors import JpruneError
+from jprune.options import option
 from jprune.solvers import (
     Pattern,
     check_pattern_fits,
     lam_search,
     lipschitz,
+    num_pruned,
     project_pattern,
     row_separable,
 )
 
-from .base import METHODS, LayerProblem, LayerResult, register
+from .base import METHODS, LayerProblem, LayerResult, corrected_gram, register_layer_method
 from .optima import layer_quadratic, refit, row_errors
 
 WARM_STARTS = ("sparsegpt", "wanda")
-
-
-def corrected(problem: LayerProblem, correction: float) -> LayerProblem:
-    """The problem whose target is ``W0 (Xp + correction (X - Xp))``.
-
-    Its linear term is ``W0 (correction X Xp^T + (1 - correction) Xp Xp^T)``: 1 is the paper's
-    dense target, 0 the layer's own output on the pruned inputs.
-    """
-    if problem.cross_gram is None or correction == 1.0:
-        return problem
-    blended = correction * problem.cross_gram + (1.0 - correction) * problem.gram
-    return problem._replace(cross_gram=blended)
+LASSO_SOLVERS = ("fista", "admm")
 
 
 def _unit_scale(H: jax.Array) -> jax.Array:
@@ -85,7 +76,7 @@ def _unit_scale(H: jax.Array) -> jax.Array:
         "num_bisect",
         "tol",
         "standardize",
-        "swaps",
+        "pursuit_steps",
         "refit_maxiter",
         "pursuit_cg",
         "refit_tol",
@@ -98,7 +89,7 @@ def fista_prune(
     C: jax.Array,
     H_error: jax.Array,
     start: jax.Array,
-    step: jax.Array | float,
+    pursuit_step: jax.Array | float,
     *,
     pattern: Pattern,
     rounds: int,
@@ -106,7 +97,7 @@ def fista_prune(
     num_bisect: int,
     tol: float,
     standardize: bool,
-    swaps: int | None,
+    pursuit_steps: int | None,
     refit_maxiter: int,
     pursuit_cg: int,
     refit_tol: float,
@@ -115,8 +106,9 @@ def fista_prune(
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """FISTAPruner on one layer: (pruned float32 weight, its error, per-stage errors).
 
-    ``swaps=None`` skips the refit (the paper's algorithm); otherwise the lasso mask is refit
-    and then ``swaps`` hard-thresholding-pursuit steps of length ``step / L`` may move it.
+    ``pursuit_steps=None`` skips the refit (the paper's algorithm); otherwise the lasso mask is
+    refit and then that many hard-thresholding-pursuit steps of length ``pursuit_step / L``
+    may move it.
     """
     scale = _unit_scale(H) if standardize else jnp.ones(H.shape[0], H.dtype)
     H_unit = H * scale[:, None] * scale[None, :]
@@ -164,7 +156,7 @@ def fista_prune(
         start_error = jnp.full_like(start_error, jnp.inf)
     init = (start, start_error, to_unit(start))
     (best, best_error, V), stats = lax.scan(one_round, init, None, length=rounds)
-    if swaps is None:
+    if pursuit_steps is None:
         return best, jnp.sum(best_error), stats
 
     # Hard thresholding pursuit (Foucart 2011): a gradient step in unit-input coordinates, the
@@ -172,7 +164,7 @@ def fista_prune(
     # ranks weights by a shrunken proxy; these steps let the mask trade weights by their effect
     # on the exact objective. The first step has length 0: the plain refit of the l1 mask.
     L = lipschitz(H_unit)
-    steps = jnp.concatenate([jnp.zeros((1,)), jnp.full((swaps,), step)]) / L
+    steps = jnp.concatenate([jnp.zeros((1,)), jnp.full((pursuit_steps,), pursuit_step)]) / L
 
     def pursuit(carry, step_size):
         best, best_error, V = carry
@@ -198,75 +190,89 @@ def fista_prune(
     return best, jnp.sum(errors(best)), stats
 
 
-@register("fista", intra_block=True)
-def fista(
-    problem: LayerProblem,
-    pattern: Pattern,
-    *,
-    rounds: int = 1,
-    maxiter: int = 30,
-    num_bisect: int = 12,
-    tol: float = 1e-4,
-    percdamp: float = 0.01,
-    standardize: bool = True,
-    refit: bool = True,
-    swaps: int = 10,
-    step: float = 3.0,
-    refit_tol: float = 1e-5,
-    pursuit_cg: int = 32,
-    warm_start: str | None = None,
-    lasso_solver: str = "fista",
-    correction: float = 0.25,
-) -> LayerResult:
+@dataclasses.dataclass(frozen=True)
+class FistaOptions:
+    correction: float = option(
+        0.25,
+        "fraction of upstream error undone: target W0 (Xp + c (X - Xp)); 1: the paper's",
+        low=0.0,
+        high=1.0,
+    )
+    rounds: int = option(1, "bisections on lam, each restarted from the last answer", low=1)
+    maxiter: int = option(30, "FISTA iterations per lasso solve", low=1)
+    num_bisect: int = option(12, "bisection steps on lam per round", low=1)
+    tol: float = option(
+        1e-4, "relative stopping tolerance of each lasso solve", low=0.0, low_open=True
+    )
+    percdamp: float = option(0.01, "ridge on H for the l1 path, relative to mean(diag H)", low=0.0)
+    standardize: bool = option(True, "run the lasso on unit-norm inputs (Wanda-like rounding)")
+    refit: bool = option(True, "exact least squares on the mask, then pursuit (false: the paper's)")
+    pursuit_steps: int = option(10, "hard-thresholding pursuit steps after the refit", low=0)
+    pursuit_step: float = option(3.0, "pursuit step length, in units of 1/L", low=0.0)
+    pursuit_cg: int = option(32, "warm-started CG steps that rank each pursuit mask", low=1)
+    refit_tol: float = option(1e-5, "CG tolerance of the final refit", low=0.0, low_open=True)
+    warm_start: str | None = option(
+        None, "start from (and compete with) this method's answer", choices=(None, *WARM_STARTS)
+    )
+    lasso_solver: str = option("fista", "lasso solver of the lam search", choices=LASSO_SOLVERS)
+
+
+@register_layer_method(
+    "fista",
+    options=FistaOptions,
+    intra_block=True,
+    summary="FISTAPruner: the lasso path picks the mask, then exact refit and pursuit",
+)
+def fista(problem: LayerProblem, pattern: Pattern, options: FistaOptions) -> LayerResult:
     """FISTAPruner: ``rounds`` bisections on ``lam`` of ``num_bisect`` FISTA solves each.
 
     ``correction``: fraction of the upstream error undone (target ``W0 (Xp + c (X - Xp))``;
     1: the paper's dense target; 0: the layer's own output).
     ``maxiter`` / ``tol``: FISTA iterations per solve and its relative stopping tolerance.
-    ``refit``: exact least squares on the mask, then ``swaps`` pursuit steps of length
-    ``step / L`` (``refit=False``: the paper's algorithm, the rounded lasso answer), each
-    ranked after ``pursuit_cg`` warm-started CG steps; the kept mask is refit to ``refit_tol``.
-    ``warm_start``: ``None`` (start at the dense weights), ``"sparsegpt"`` or ``"wanda"`` (start
-    at, and compete with, that method's answer). ``lasso_solver``: ``"fista"`` (the paper's) or
-    ``"admm"`` (``solvers.lasso_admm``, one factorization of the layer's Gram shared by every
-    bisection step) for the lasso solves of the ``lam`` search.
+    ``refit``: exact least squares on the mask, then ``pursuit_steps`` pursuit steps of length
+    ``pursuit_step / L`` (``refit=False``: the paper's algorithm, the rounded lasso answer),
+    each ranked after ``pursuit_cg`` warm-started CG steps; the kept mask is refit to
+    ``refit_tol``. ``warm_start``: ``None`` (start at the dense weights), ``"sparsegpt"`` or
+    ``"wanda"`` (start at, and compete with, that method's answer). ``lasso_solver``:
+    ``"fista"`` (the paper's) or ``"admm"`` (``solvers.lasso_admm``, one factorization of the
+    layer's Gram shared by every bisection step) for the lasso solves of the ``lam`` search.
 
     ``info``: ``error`` (the kept answer's ``1/2 ||W Xp - W0 X||^2`` per token, up to a
     constant), ``lasso_error`` (the same for the best rounded lasso answer), ``lam`` (its mean
-    ``lam``, unit inputs when ``standardize``), ``swaps_used`` (pursuit steps that improved).
+    ``lam``, unit inputs when ``standardize``), ``pursuit_steps_used`` (pursuit steps that improved).
     """
-    if warm_start is not None and warm_start not in WARM_STARTS:
-        raise JpruneError(
-            f"unknown warm_start {warm_start!r}; choose one of {', '.join(WARM_STARTS)} or None"
-        )
     check_pattern_fits(pattern, problem.weight.shape)
-    if rounds < 1 or swaps < 0:
-        raise JpruneError(f"fista needs rounds >= 1 and swaps >= 0, got {rounds} and {swaps}")
-    if not 0.0 <= correction <= 1.0:
-        raise JpruneError(f"fista needs 0 <= correction <= 1, got {correction}")
-    H, C, H_error = layer_quadratic(corrected(problem, correction), percdamp)
+    if num_pruned(pattern, problem.weight.shape) == 0:
+        # Nothing to remove: the dense weights. (The refit would only move them within the
+        # null space of a rank-deficient Gram.)
+        return LayerResult(problem.weight, {"nothing_pruned": True})
+    o = options
+    target = problem._replace(
+        cross_gram=corrected_gram(problem.gram, problem.cross_gram, o.correction)
+    )
+    H, C, H_error = layer_quadratic(target, o.percdamp)
     start = problem.weight
-    if warm_start is not None:
-        start = METHODS[warm_start](problem, pattern).weight
+    if o.warm_start is not None:
+        start = METHODS[o.warm_start](problem, pattern).weight
     W, error, stats = fista_prune(
         H,
         C,
         H_error,
         start.astype(jnp.float32),
-        step,
+        o.pursuit_step,
         pattern=pattern,
-        rounds=rounds,
-        maxiter=maxiter,
-        num_bisect=num_bisect,
-        tol=tol,
-        standardize=standardize,
-        swaps=swaps if refit else None,
+        rounds=o.rounds,
+        maxiter=o.maxiter,
+        num_bisect=o.num_bisect,
+        tol=o.tol,
+        standardize=o.standardize,
+        pursuit_steps=o.pursuit_steps if o.refit else None,
         refit_maxiter=problem.weight.shape[1],
-        pursuit_cg=pursuit_cg,
-        refit_tol=refit_tol,
+        pursuit_cg=o.pursuit_cg,
+        refit_tol=o.refit_tol,
         # The dense start violates the pattern; only a warm start's pruned answer may win.
-        start_competes=warm_start is not None,
-        lasso_solver=lasso_solver,
+        start_competes=o.warm_start is not None,
+        lasso_solver=o.lasso_solver,
     )
     best = int(jnp.argmin(stats["error"]))
     info = {
@@ -274,6 +280,8 @@ def fista(
         "lasso_error": float(stats["error"][best]),
         "lam": float(stats["lam"][best].mean()),
     }
-    if refit:
-        info["swaps_used"] = int(jnp.sum(jnp.diff(jnp.minimum.accumulate(stats["refit"])) < 0))
+    if o.refit:
+        info["pursuit_steps_used"] = int(
+            jnp.sum(jnp.diff(jnp.minimum.accumulate(stats["refit"])) < 0)
+        )
     return LayerResult(W.astype(problem.weight.dtype), info)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jprune.solvers import Pattern, keep_mask
 
-from .base import LayerProblem, LayerResult, register
+from .base import LayerProblem, LayerResult, NoOptions, register_layer_method
 
 
 @jax.jit(static_argnames="pattern")
@@ -21,8 +21,8 @@ def masked_by_score(weight: jax.Array, scores: jax.Array, pattern: Pattern) -> j
     return jnp.where(keep_mask(scores, pattern), weight, jnp.zeros_like(weight))
 
 
-@register("magnitude")
-def magnitude(problem: LayerProblem, pattern: Pattern) -> LayerResult:
+@register_layer_method("magnitude", summary="keep the largest |W_ij| of each comparison group")
+def magnitude(problem: LayerProblem, pattern: Pattern, options: NoOptions) -> LayerResult:
     """Zero the smallest ``|W0_ij|`` of each comparison group of ``pattern``."""
     weight = problem.weight
     return LayerResult(masked_by_score(weight, jnp.abs(weight), pattern), {})

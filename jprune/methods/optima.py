@@ -14,15 +14,16 @@ it does not increase the layer error; otherwise the selector's weights are retur
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from jprune.errors import JpruneError
+from jprune.options import option
 from jprune.solvers import Pattern, box_qp, check_pattern_fits, keep_mask
 
-from .base import METHODS, LayerProblem, LayerResult, register
+from .base import METHODS, LayerProblem, LayerResult, register_layer_method
 
 SELECTORS = ("magnitude", "wanda", "sparsegpt", "fista")
 
@@ -74,16 +75,24 @@ def _reconstruct(weight, selected, H, C, H_error, *, pattern, maxiter, tol):
     return jnp.where(better, W, selected), info, better, error_qp, error_selector
 
 
-@register("optima")
-def optima(
-    problem: LayerProblem,
-    pattern: Pattern,
-    *,
-    mask_from: str = "wanda",
-    tol: float = 1e-6,
-    maxiter: int | None = None,
-    percdamp: float = 0.0,
-) -> LayerResult:
+@dataclasses.dataclass(frozen=True)
+class OptimaOptions:
+    mask_from: str = option("wanda", "the method whose mask is reconstructed", choices=SELECTORS)
+    tol: float = option(
+        1e-6, "CG relative residual per row (1e-2: the published solver's)", low=0.0, low_open=True
+    )
+    maxiter: int | None = option(None, "CG iterations (default 4 d_in)", low=1)
+    percdamp: float = option(
+        0.0, "ridge on H, relative to mean(diag H) (0: the exact objective)", low=0.0
+    )
+
+
+@register_layer_method(
+    "optima",
+    options=OptimaOptions,
+    summary="exact masked least squares (box QP, masked CG) on any selector's mask",
+)
+def optima(problem: LayerProblem, pattern: Pattern, options: OptimaOptions) -> LayerResult:
     """Reconstruct the layer exactly on the mask of ``mask_from`` (``SELECTORS``).
 
     ``tol`` is CG's relative residual per row (default 1e-6: the float32 optimum; ``tol=1e-2``
@@ -95,8 +104,12 @@ def optima(
     selector's weights were kept), ``error_decrease`` (``||W Xp - W0 X||^2`` per token of
     the selector's weights minus that of the result).
     """
-    if mask_from not in SELECTORS or mask_from not in METHODS:
-        raise JpruneError(f"unknown mask_from {mask_from!r}; choose one of {', '.join(SELECTORS)}")
+    mask_from, tol, maxiter, percdamp = (
+        options.mask_from,
+        options.tol,
+        options.maxiter,
+        options.percdamp,
+    )
     check_pattern_fits(pattern, problem.weight.shape)
     selected = METHODS[mask_from](problem, pattern).weight.astype(jnp.float32)
     H, C, H_error = layer_quadratic(problem, percdamp)

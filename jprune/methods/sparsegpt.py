@@ -31,6 +31,7 @@ Dead inputs (``H_jj = 0``) get ``H_jj = 1`` and a zero weight column, as publish
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from itertools import pairwise
 
@@ -38,9 +39,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jprune.errors import JpruneError
+from jprune.options import option
 from jprune.solvers import NM, Pattern, check_pattern_fits, keep_mask, topk_mask
 
-from .base import LayerProblem, LayerResult, register
+from .base import LayerProblem, LayerResult, register_layer_method
 
 # The published code turns TF32 off; the lazy update and the inverse need full float32.
 _HIGHEST = lax.Precision.HIGHEST
@@ -173,10 +176,27 @@ def sparsegpt_prune(
     return weights, losses, dead
 
 
-@register("sparsegpt")
-def sparsegpt(
-    problem: LayerProblem, pattern: Pattern, *, blocksize: int = 128, percdamp: float = 0.01
-) -> LayerResult:
+@dataclasses.dataclass(frozen=True)
+class SparseGPTOptions:
+    blocksize: int = option(128, "columns per lazy batch update (a multiple of M for N:M)", low=1)
+    percdamp: float = option(0.01, "dampening of H, relative to mean(diag H)", low=0.0)
+
+
+def check_blocksize(options: SparseGPTOptions, pattern: Pattern) -> None:
+    if isinstance(pattern, NM) and options.blocksize % pattern.m:
+        raise JpruneError(
+            f"method 'sparsegpt' option 'blocksize' must be a multiple of M={pattern.m} for "
+            f"{pattern}, got {options.blocksize}"
+        )
+
+
+@register_layer_method(
+    "sparsegpt",
+    options=SparseGPTOptions,
+    validate=lambda options, pattern: check_blocksize(options, pattern),
+    summary="OBS with lazy batch updates, adaptive 128-column masks (Frantar & Alistarh 2023)",
+)
+def sparsegpt(problem: LayerProblem, pattern: Pattern, options: SparseGPTOptions) -> LayerResult:
     """SparseGPT with the published defaults (128-column blocks, 1% dampening).
 
     ``info``: ``dead_inputs`` (inputs never active in calibration), ``obs_loss`` (OBS estimate
@@ -184,19 +204,16 @@ def sparsegpt(
     """
     weight = problem.weight
     check_pattern_fits(pattern, weight.shape)
-    if blocksize < 1:
-        raise ValueError(f"blocksize {blocksize} must be positive")
-    if isinstance(pattern, NM) and blocksize % pattern.m:
-        raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} for {pattern}")
+    check_blocksize(options, pattern)
     if problem.num_tokens <= 0:
-        raise ValueError(f"layer {problem.name!r} has no calibration tokens")
+        raise JpruneError(f"layer {problem.name!r} has no calibration tokens")
     pruned, losses, dead = sparsegpt_prune(
         weight,
         problem.gram,
         problem.num_tokens,
-        percdamp,
+        options.percdamp,
         pattern=pattern,
-        blocksize=blocksize,
+        blocksize=options.blocksize,
     )
     info = {"dead_inputs": int(dead.sum()), "obs_loss": float(losses.sum())}
     return LayerResult(pruned.astype(weight.dtype), info)

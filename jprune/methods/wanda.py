@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jprune.solvers import Pattern
 
-from .base import LayerProblem, LayerResult, register
+from .base import LayerProblem, LayerResult, NoOptions, register_layer_method
 from .magnitude import masked_by_score
 
 
@@ -24,8 +24,8 @@ def wanda_scores(weight: jax.Array, gram: jax.Array) -> jax.Array:
     return jnp.abs(weight).astype(jnp.float32) * norms[None, :]
 
 
-@register("wanda")
-def wanda(problem: LayerProblem, pattern: Pattern) -> LayerResult:
+@register_layer_method("wanda", summary="keep the largest |W_ij| ||X_j|| (Sun et al. 2023)")
+def wanda(problem: LayerProblem, pattern: Pattern, options: NoOptions) -> LayerResult:
     """Keep the highest Wanda scores of each comparison group of ``pattern``."""
     weight = problem.weight
     scores = wanda_scores(weight, problem.gram)

@@ -1,0 +1,135 @@
+"""What every bench script shares: the machine description, wall-clock timing of JAX calls, and
+the ``## Section`` of ``bench/RESULTS.md`` a script owns.
+
+The scripts run as ``python bench/X.py``, so this directory is on ``sys.path`` and they import
+it as ``from common import ...``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+ASSETS = ROOT.parent / "shared" / "assets"
+RESULTS_MD = BENCH / "RESULTS.md"
+MATMUL_PRECISIONS = ("default", "tensorfloat32", "float32")
+
+
+# ---------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):  # not Linux, or an ARM cpuinfo without model names
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> str:
+    """``CPU, cores, OS; jax version (backend[, device kind])`` of this process's first device."""
+    backend, kind = jax.default_backend(), jax.devices()[0].device_kind
+    device = backend if kind.lower() == backend else f"{backend}, {kind}"
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}; "
+        f"jax {jax.__version__} ({device})"
+    )
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1-, 5- and 15-minute load averages (NaN where the OS keeps none): timings here are
+    wall clock, so a busy machine shows in them."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (math.nan,) * 3
+
+
+def load_text() -> str:
+    return ", ".join(f"{v:.1f}" for v in load_average())
+
+
+# ---------------------------------------------------------------- timing
+
+
+class Timing(NamedTuple):
+    first: float  # the first call, jit compilation included
+    best: float  # the minimum over the warm calls (inf with none): the least disturbed by load
+    out: Any  # the last call's output
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall time of one call of ``fn``, waiting for its arrays (JAX dispatches asynchronously)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def timed(fn: Callable[..., Any], *args, repeats: int = 3) -> Timing:
+    """``fn(*args)`` once, then ``repeats`` more times; every call waits for its arrays."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return Timing(first, best, out)
+
+
+def add_matmul_precision(parser) -> None:
+    parser.add_argument(
+        "--matmul-precision",
+        choices=MATMUL_PRECISIONS,
+        default="default",
+        help="jax_default_matmul_precision (on GPUs 'default' lets float32 GEMMs use TF32)",
+    )
+
+
+def use_matmul_precision(precision: str) -> None:
+    if precision != "default":
+        jax.config.update("jax_default_matmul_precision", precision)
+
+
+# ---------------------------------------------------------------- RESULTS.md
+
+
+def _split(text: str, heading: str) -> tuple[list[str], list[str] | None, list[str]]:
+    """The lines before the ``heading`` line, its section's body (None if absent) and the lines
+    from the next ``## `` heading on. ``### `` subsections belong to the section."""
+    lines = text.splitlines()
+    if heading not in lines:
+        return lines, None, []
+    start = lines.index(heading)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[:start], lines[start + 1 : end], lines[end:]
+
+
+def read_section(path: Path, heading: str) -> str:
+    """The body of the ``heading`` section of ``path`` (without the heading); "" if absent."""
+    body = _split(path.read_text(), heading)[1] if path.exists() else None
+    return "\n".join(body or [])
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the section ``text`` opens with (its first line, a ``## `` heading) or append it;
+    the other sections stay as they are, one blank line apart."""
+    heading = text.split("\n", 1)[0]
+    if not heading.startswith("## "):
+        raise ValueError(f"a section starts with a '## ' heading, not {heading!r}")
+    current = path.read_text() if path.exists() else "# Benchmark results\n"
+    before, _, after = _split(current, heading)
+    parts = ["\n".join(before).strip("\n"), text.strip("\n"), "\n".join(after).strip("\n")]
+    path.write_text("\n\n".join(p for p in parts if p) + "\n")
