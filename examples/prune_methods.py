@@ -3,6 +3,7 @@
 Run from the repository root: ``.venv/bin/python examples/prune_methods.py``.
 """
 
+from jprune.config import PruneConfig
 from jprune.prune import prune
 
 ASSETS = "../shared/assets"
@@ -15,7 +16,7 @@ RUNS = {
 }
 
 for method, options in RUNS.items():
-    report = prune(
+    config = PruneConfig.of(
         f"{ASSETS}/models/stories260K",
         method,
         pattern="2:4",
@@ -26,6 +27,7 @@ for method, options in RUNS.items():
         out=f"/tmp/stories260K-{method}-2of4",
         force=True,
     )
+    report = prune(config)
     (ppl,) = report["perplexity"].values()
     print(
         f"{method:10s} {ppl['before']:.3f} -> {ppl['after']:.3f} in {report['prune_seconds']:.1f} s"

@@ -192,10 +192,6 @@ def _print_method_options(name: str | None) -> int:
 
 
 def add_prune_parser(sub) -> None:
-    from jprune.methods import METHODS
-    from jprune.methods.optima import SELECTORS
-
-    structured = sorted(n for n, m in METHODS.items() if m.structured)
     pr = sub.add_parser(
         "prune",
         help="prune a model and write a pruned HF checkpoint",
@@ -204,25 +200,37 @@ def add_prune_parser(sub) -> None:
         "from --config (YAML or JSON, sections model/target/calibration/engine/evaluation/output; a report.json "
         "replays its run); flags given on the command line override the file.",
     )
-    pr.add_argument(
+    _target_flags(pr.add_argument_group("what to prune"))
+    _data_flags(pr.add_argument_group("calibration and evaluation"))
+    _engine_flags(pr.add_argument_group("engine"))
+    _output_flags(pr.add_argument_group("output"))
+    pr.set_defaults(func=cmd_prune)
+
+
+def _target_flags(group) -> None:
+    from jprune.methods import METHODS
+    from jprune.methods.optima import SELECTORS
+
+    structured = sorted(n for n, m in METHODS.items() if m.structured)
+    group.add_argument(
         "--config",
         metavar="FILE",
         help="read the run's configuration from a YAML or JSON recipe, or from a report.json to replay that run",
     )
-    pr.add_argument("--model", help="Hugging Face model directory to prune (required)")
-    pr.add_argument(
+    group.add_argument("--model", help="Hugging Face model directory to prune (required)")
+    group.add_argument(
         "--method",
         choices=sorted(METHODS),
         help="pruning method (required); structured (channels removed, smaller checkpoint): "
         + ", ".join(structured)
         + "; --help-options lists each method's options",
     )
-    pr.add_argument(
+    group.add_argument(
         "--help-options",
         action="store_true",
         help="list the options of --method (of every method without it) with their defaults, and exit",
     )
-    target = pr.add_mutually_exclusive_group()
+    target = group.add_mutually_exclusive_group()
     target.add_argument(
         "--sparsity",
         type=float,
@@ -232,45 +240,12 @@ def add_prune_parser(sub) -> None:
         "--pattern",
         help="semi-structured N:M pattern: keep N of every M consecutive inputs (e.g. 2:4, 4:8)",
     )
-    pr.add_argument(
+    group.add_argument(
         "--scope",
         choices=("row", "matrix"),
         help="with --sparsity: exact count per output row (default) or per layer",
     )
-    pr.add_argument("--calib", help="calibration text file (required)")
-    pr.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
-    pr.add_argument("--seqlen", type=int, help="tokens per calibration window (default: 512)")
-    pr.add_argument("--seed", type=int, help="seed of the calibration window starts (default: 0)")
-    pr.add_argument(
-        "--out",
-        help="output directory for the pruned checkpoint and report.json (must not exist unless --force)",
-    )
-    pr.add_argument(
-        "--eval",
-        action="append",
-        metavar="FILE",
-        help="text to report perplexity on before and after; repeat for several",
-    )
-    pr.add_argument("--eval-seqlen", type=int, help="window length for --eval (default: --seqlen)")
-    pr.add_argument("--force", action="store_true", default=None, help="replace --out if it exists")
-    pr.add_argument(
-        "--parallel-blocks",
-        action="store_true",
-        help="feed every block the dense model's inputs instead of the pruned model's (FISTAPruner's parallel mode)",
-    )
-    pr.add_argument(
-        "--intra-block",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="prune q,k,v -> o -> gate,up -> down in stages, each seeing the pruned upstream outputs, targeting the "
-        "dense outputs (default: the method's own protocol; on for fista; structured methods refuse it)",
-    )
-    pr.add_argument(
-        "--batch-size",
-        type=int,
-        help="calibration/evaluation windows per forward pass (default: 8)",
-    )
-    pr.add_argument(
+    group.add_argument(
         "--option",
         action="append",
         type=_method_option,
@@ -278,44 +253,82 @@ def add_prune_parser(sub) -> None:
         help="a method option, checked against the method's typed options before anything is loaded, "
         "e.g. --option blocksize=64; repeat for several (--help-options lists them)",
     )
-    pr.add_argument(
+    group.add_argument(
         "--mask-from",
         metavar="SELECTOR",
         help="optima: the method whose mask is reconstructed, one of "
         + ", ".join(SELECTORS)
         + " (default: wanda)",
     )
-    pr.add_argument(
+    group.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         help="cast the weights on load (default: keep the stored dtype)",
     )
-    pr.add_argument(
+
+
+def _data_flags(group) -> None:
+    group.add_argument("--calib", help="calibration text file (required)")
+    group.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
+    group.add_argument("--seqlen", type=int, help="tokens per calibration window (default: 512)")
+    group.add_argument(
+        "--seed", type=int, help="seed of the calibration window starts (default: 0)"
+    )
+    group.add_argument(
+        "--eval",
+        action="append",
+        metavar="FILE",
+        help="text to report perplexity on before and after; repeat for several",
+    )
+    group.add_argument(
+        "--eval-seqlen", type=int, help="window length for --eval (default: --seqlen)"
+    )
+
+
+def _engine_flags(group) -> None:
+    group.add_argument(
+        "--parallel-blocks",
+        action="store_true",
+        help="feed every block the dense model's inputs instead of the pruned model's (FISTAPruner's parallel mode)",
+    )
+    group.add_argument(
+        "--intra-block",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prune q,k,v -> o -> gate,up -> down in stages, each seeing the pruned upstream outputs, targeting the "
+        "dense outputs (default: the method's own protocol; on for fista; structured methods refuse it)",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        help="calibration/evaluation windows per forward pass (default: 8)",
+    )
+    group.add_argument(
         "--mesh",
         help="devices to spread the work over: N (the first N devices) or 'auto' (all); calibration "
         "batches are split across them and each layer's rows are sharded (default: one device)",
     )
-    pr.add_argument(
+    group.add_argument(
         "--offload",
         action="store_true",
         default=None,
         help="keep block activations in host memory between forward passes (for models whose "
         "calibration activations do not fit on the accelerator)",
     )
-    pr.add_argument(
+    group.add_argument(
         "--distributed",
         action="store_true",
         help="multi-host run: call jax.distributed.initialize() (coordinator address, process count "
         "and id from the environment, see README); only process 0 writes --out",
     )
-    pr.add_argument(
+    group.add_argument(
         "--matmul-precision",
         choices=("float32", "tensorfloat32"),
         help="precision of every matrix product: float32 (default) keeps Grams and solvers in "
         "true float32; tensorfloat32 lets GPUs use TF32 tensor cores (faster, ~1e-3 relative "
         "error per product; CPUs compute float32 either way)",
     )
-    pr.add_argument(
+    group.add_argument(
         "--row-blocks",
         type=int,
         metavar="N",
@@ -324,8 +337,17 @@ def add_prune_parser(sub) -> None:
         "whose size divides N (e.g. 8 for 1, 2, 4 or 8 devices); slower, most on one device; "
         "structured methods get the fixed-order Grams and solve each layer whole (default 0: off)",
     )
-    pr.add_argument("--quiet", action="store_true", help="no progress bar")
-    pr.set_defaults(func=cmd_prune)
+
+
+def _output_flags(group) -> None:
+    group.add_argument(
+        "--out",
+        help="output directory for the pruned checkpoint and report.json (must not exist unless --force)",
+    )
+    group.add_argument(
+        "--force", action="store_true", default=None, help="replace --out if it exists"
+    )
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:

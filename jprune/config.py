@@ -265,6 +265,12 @@ def resolve(config: PruneConfig) -> Run:
     if method.validate is not None:
         method.validate(options, target)
     engine = config.engine
+    if (
+        engine.mesh is not None
+        and engine.mesh != "auto"
+        and not (isinstance(engine.mesh, int) and engine.mesh >= 1)
+    ):
+        raise JpruneError(f"mesh must be a device count >= 1 or 'auto', got {engine.mesh!r}")
     intra_block = method.intra_block if engine.intra_block is None else engine.intra_block
     check_engine_options(method, intra_block, engine.batch_size, engine.row_blocks, 1)
     out = config.output.out

@@ -282,7 +282,7 @@ def plain(value: Any) -> Any:
     if isinstance(value, tuple) and hasattr(value, "_asdict"):
         return plain(value._asdict())
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        array = np.asarray(value)
+        array = to_host(value)
         if array.size == 1:
             return array.item()
         if array.dtype == bool:
@@ -422,6 +422,40 @@ def _record(result, stats, seconds, name, block, held) -> dict[str, Any]:
     }
 
 
+class _Job(NamedTuple):
+    """What every unit of a run shares."""
+
+    program: Any
+    spec: Any
+    target: Any
+    method_options: Any
+    num_tokens: int
+    hf_names: Callable[[str], str] | None
+    solve_rows: Callable[..., Any]
+    mesh: Mesh | None
+
+
+def _prune_stage(job: _Job, index, stage, state, stats, held, changed) -> list[dict[str, Any]]:
+    """Solve a stage's units in order, writing each one's parameters into ``state``."""
+    records = []
+    for unit in stage.units:
+        context = UnitContext(
+            job.spec, index, _flat_params(state), stats, job.target, job.method_options,
+            job.num_tokens, job.spec.num_layers, job.hf_names or str, job.solve_rows,
+        )  # fmt: skip
+        started = time.perf_counter()
+        result = job.program.solve(unit, context)
+        jax.block_until_ready(result.updates)
+        seconds = time.perf_counter() - started
+        for name, value in result.updates.items():
+            _set_param(state, name, replicate(value, job.mesh))
+            changed.add(name.split(".")[0])
+        name = f"layers.{index}.{result.linear}"
+        shown = job.hf_names(name) if job.hf_names else name
+        records.append(_record(result, stats, seconds, shown, index, held))
+    return records
+
+
 def prune_model(
     model,
     calibration: np.ndarray,
@@ -465,6 +499,9 @@ def prune_model(
     def solve_rows(layer, problem, pattern, layer_options):
         return _solve_layer(layer, problem, pattern, layer_options, options)
 
+    job = _Job(
+        program, spec, target, method_options, int(calibration.size), hf_names, solve_rows, mesh
+    )
     records = []
     for index, block in enumerate(model.layers):
         graphdef, live_state = nnx.split(block)
@@ -490,24 +527,7 @@ def prune_model(
             )  # fmt: skip
             cached = (a.nbytes for a in (attention, dense_attention) if a is not None)
             held = streams * x.nbytes + sum(cached)
-            for unit in stage.units:
-                context = UnitContext(
-                    spec, index, _flat_params(state), stats, target, method_options,
-                    int(calibration.size), spec.num_layers, hf_names or str, solve_rows,
-                )  # fmt: skip
-                started = time.perf_counter()
-                result = program.solve(unit, context)
-                jax.block_until_ready(result.updates)
-                seconds = time.perf_counter() - started
-                for name, value in result.updates.items():
-                    _set_param(state, name, replicate(value, mesh))
-                    changed.add(name.split(".")[0])
-                name = f"layers.{index}.{result.linear}"
-                records.append(
-                    _record(
-                        result, stats, seconds, hf_names(name) if hf_names else name, index, held
-                    )
-                )
+            records += _prune_stage(job, index, stage, state, stats, held, changed)
         nnx.update(block, jax.tree.map(lambda a: jnp.asarray(to_host(a)), state))
         if use_dense:
             x_dense = _block_pass(_block_outputs, graphdef, dense_state, x_dense, dense_attention)

@@ -129,7 +129,9 @@ def _convert(value: Any, hint) -> Any:
             return None
         raise ValueError
     if isinstance(value, str) and base is not str:
-        return _convert(_from_text(value.strip(), base), hint)
+        typed = _from_text(value.strip(), base)
+        # Text that stays text is a member of a union that admits strings ("auto").
+        return typed if isinstance(typed, str) else _convert(typed, hint)
     if base in _ACCEPTS:
         if _ACCEPTS[base](value):
             return float(value) if base is float else value

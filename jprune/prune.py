@@ -56,29 +56,33 @@ def prune(config: PruneConfig | Run, progress: ProgressFn | None = None) -> dict
         return _prune(run, progress)
 
 
-def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
-    started = time.perf_counter()
-    config, method = run.config, run.method
-    engine_config = config.engine
+def _engine_options(run: Run) -> EngineOptions:
+    settings = run.config.engine
     engine = EngineOptions(
-        sequential=engine_config.sequential,
-        intra_block=engine_config.intra_block,
-        batch_size=engine_config.batch_size,
-        mesh=make_mesh(engine_config.mesh),
-        offload=engine_config.offload,
-        row_blocks=engine_config.row_blocks,
+        sequential=settings.sequential,
+        intra_block=settings.intra_block,
+        batch_size=settings.batch_size,
+        mesh=make_mesh(settings.mesh),
+        offload=settings.offload,
+        row_blocks=settings.row_blocks,
     )
     check_engine_options(
-        method, engine.intra_block, engine.batch_size, engine.row_blocks, mesh_size(engine.mesh)
+        run.method, engine.intra_block, engine.batch_size, engine.row_blocks, mesh_size(engine.mesh)
     )
+    return engine
+
+
+def _load(run: Run):
+    """The model, its config, the calibration windows and the evaluation windows per text."""
+    config = run.config
     net, hf_config = load_model(config.model.path, dtype=config.model.dtype)
-    spec = net.spec
     calib = config.calibration
-    if calib.seqlen > spec.max_position_embeddings:
+    if calib.seqlen > net.spec.max_position_embeddings:
         raise JpruneError(
-            f"seqlen {calib.seqlen} exceeds the model's max_position_embeddings {spec.max_position_embeddings}"
+            f"seqlen {calib.seqlen} exceeds the model's max_position_embeddings "
+            f"{net.spec.max_position_embeddings}"
         )
-    method.program.check(spec, named_arrays(net), run.target, run.method_options, hf_config)
+    run.method.program.check(net.spec, named_arrays(net), run.target, run.method_options, hf_config)
     tokenizer = load_tokenizer(config.model.path)
     calibration = calibration_windows(
         tokenize(tokenizer, read_text(calib.text, split="train")),
@@ -87,45 +91,51 @@ def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
         calib.seed,
         source=f"text {calib.text!r}",
     )
-    evaluation = config.evaluation
-    eval_len = evaluation.seqlen or calib.seqlen
+    eval_len = config.evaluation.seqlen or calib.seqlen
     evaluations = {
         t: eval_windows(tokenize(tokenizer, read_text(t)), eval_len, source=f"text {t!r}")
-        for t in evaluation.texts
+        for t in config.evaluation.texts
+    }
+    return net, hf_config, calibration, evaluations
+
+
+def _perplexities(net, evaluations, batch_size, label, progress) -> dict[str, float]:
+    result = {}
+    for name, windows in evaluations.items():
+        if progress is not None:
+            progress(f"eval {label} on {name}", 0, net.spec.num_layers)
+        result[name] = perplexity(net, windows, batch_size=batch_size).perplexity
+    return result
+
+
+def _machine(engine: EngineOptions) -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "jax_backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "mesh_devices": mesh_size(engine.mesh),
+        "processes": jax.process_count(),
     }
 
-    def report_progress(stage: str, done: int, total: int) -> None:
-        if progress is not None:
-            progress(stage, done, total)
 
-    batch_size = engine.batch_size
+def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    config, method, target = run.config, run.method, run.target
+    engine = _engine_options(run)
+    net, hf_config, calibration, evaluations = _load(run)
+    batch = engine.batch_size
     before = dict.fromkeys(evaluations)
-    for name, windows in evaluations.items() if evaluation.dense else ():
-        report_progress(f"eval dense on {name}", 0, spec.num_layers)
-        before[name] = perplexity(net, windows, batch_size=batch_size).perplexity
-
+    if config.evaluation.dense:
+        before = _perplexities(net, evaluations, batch, "dense", progress)
     prune_started = time.perf_counter()
     parameters_before = parameter_count(net)
     outcome = prune_model(
-        net,
-        calibration,
-        method,
-        run.target,
-        run.method_options,
-        engine,
-        hf_config=hf_config,
-        progress=progress,
-        hf_names=_layer_hf_name(spec),
-    )
-    net = outcome.model
+        net, calibration, method, target, run.method_options, engine,
+        hf_config=hf_config, progress=progress, hf_names=_layer_hf_name(net.spec),
+    )  # fmt: skip
     prune_seconds = time.perf_counter() - prune_started
-
-    after = {}
-    for name, windows in evaluations.items():
-        report_progress(f"eval pruned on {name}", spec.num_layers, spec.num_layers)
-        after[name] = perplexity(net, windows, batch_size=batch_size).perplexity
-
-    target = run.target
+    after = _perplexities(outcome.model, evaluations, batch, "pruned", progress)
+    eval_len = config.evaluation.seqlen or config.calibration.seqlen
     report = {
         "model": config.model.path,
         "method": method.name,
@@ -138,25 +148,18 @@ def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
             for name in evaluations
         },
         "summary": summarize(outcome.records),
-        "parameters": parameter_count(net),
+        "parameters": parameter_count(outcome.model),
         "parameters_before": parameters_before,
         "prune_seconds": prune_seconds,
-        "machine": {
-            "platform": platform.platform(),
-            "jax_backend": jax.default_backend(),
-            "devices": jax.device_count(),
-            "mesh_devices": mesh_size(engine.mesh),
-            "processes": jax.process_count(),
-        },
+        "machine": _machine(engine),
         "layers": outcome.records,
+        "wall_seconds": time.perf_counter() - started,
     }
-    report["wall_seconds"] = time.perf_counter() - started
-    out = config.output.out
-    if out is not None and jax.process_index() == 0:
+    if config.output.out is not None and jax.process_index() == 0:
         save_model(
-            net,
+            outcome.model,
             hf_config,
-            out,
+            config.output.out,
             source=config.model.path,
             force=config.output.force,
             config_updates=outcome.config_updates,

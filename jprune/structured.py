@@ -27,11 +27,13 @@ columns ``K`` and pruned ``P``:
   restoration. Attention channels, outside the SPAP model, are chosen and restored as FASP
   does.
 
-Blocks are pruned in order, each on the inputs of the already-pruned model; inside a block the
-attention channels go first, and the MLP's Grams are taken after them. Option ``correction``
-(fasp, spap; default 0, the papers' target) makes the restoration, and spap's selection, fit
-``W2 (X + correction (X_dense - X))``: part of the upstream pruning error is undone, using a
-second stream of dense-model activations.
+The three are block programs of the one engine (``ChannelProgram``): per block, the attention
+channels go first (``attention=true``), then the MLP's, each stage's statistics taken from the
+block as the previous stage left it, on the inputs of the already-pruned model. Option
+``correction`` (fasp, spap; default 0, the papers' target) makes the restoration, and spap's
+selection, fit ``W2 (X + correction (X_dense - X))`` (``methods.corrected_gram``, the same
+target fista's ``correction`` sets): part of the upstream pruning error is undone, from the
+engine's dense stream.
 """
 
 from __future__ import annotations
@@ -420,7 +422,8 @@ class ChannelProgram:
             for kind in ("weight", "bias"):
                 if f"{producer}.{kind}" in params:
                     updates[f"{producer}.{kind}"] = params[f"{producer}.{kind}"][keep]
-        channels = {"before": groups * width, "after": int(keep.sum())}
+        kept = np.flatnonzero(np.asarray(keep))
+        channels = {"before": groups * width, "after": int(kept.size), "kept": kept.tolist()}
         return UnitResult(
             updates, coupling.name, coupling.consumer, new_W2, W2, info, channels=channels
         )

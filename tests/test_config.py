@@ -70,6 +70,8 @@ MISTAKES = [
     ("spap", ["--option", "layer_sparsity=0.1,x"], "'layer_sparsity' must be"),
     ("wanda", ["--batch-size", "0"], "'batch_size' must be an integer in [1, inf]"),
     ("wanda", ["--nsamples", "-1"], "'nsamples' must be an integer in [1, inf]"),
+    ("wanda", ["--mesh", "foo"], "mesh must be a device count >= 1 or 'auto', got 'foo'"),
+    ("wanda", ["--seqlen", "0"], "calibration option 'seqlen' must be an integer in [1, inf]"),
 ]
 
 

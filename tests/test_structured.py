@@ -371,3 +371,19 @@ def test_swap_search_against_enumeration():
     # From the worst of the 126 selections it found the enumerated optimum every time (seeds
     # 0-5); a local search need not, so allow one miss.
     assert hits >= 5, hits
+
+
+def test_parallel_blocks_feed_structured_methods_the_dense_inputs(zoo):
+    """--parallel-blocks works for channel pruning too: block 0 sees the same input either way,
+    later blocks see the dense model's outputs instead of the pruned model's."""
+    net, config = load_model(zoo["llama3-gqa"])
+    calibration = _calibration(net.spec.vocab_size)
+    runs = {
+        sequential: prune_structured(
+            net, config, calibration, "fasp", 0.25, {}, sequential=sequential
+        )
+        for sequential in (True, False)
+    }
+    errors = {k: [r["relative_error"] for r in v.records] for k, v in runs.items()}
+    assert errors[True][0] == errors[False][0]
+    assert errors[True][1:] != errors[False][1:]

@@ -16,6 +16,7 @@ from .base import (
     get_method,
     register,
     register_layer_method,
+    result_counts,
 )
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "optima",
     "register",
     "register_layer_method",
+    "result_counts",
     "sparsegpt",
     "wanda",
 ]

@@ -36,11 +36,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import numpy as np
 
 from jprune.converters.spec import LINEAR_INPUTS, block_linear_names
 from jprune.errors import JpruneError
 from jprune.options import describe, parse_fields
-from jprune.solvers import Pattern, check_pattern_fits
+from jprune.sharding import to_host
+from jprune.solvers import Pattern, Result, check_pattern_fits
 
 # What a stage may ask the engine for, per tap: ``Xp Xp^T``, ``X Xp^T`` (dense inputs against
 # pruned ones), ``X X^T``, and the sum of the pruned inputs over tokens.
@@ -78,6 +80,12 @@ def corrected_gram(gram: jax.Array, cross: jax.Array | None, correction: float) 
     if correction == 1.0:
         return cross
     return correction * cross + (1.0 - correction) * gram
+
+
+def result_counts(codes) -> dict[str, int]:
+    """Rows per solver outcome (``solvers.Result``: converged, iteration cap, non-finite)."""
+    codes = to_host(codes).reshape(-1)  # rows may be sharded over processes
+    return {outcome.name.lower(): int(np.sum(codes == outcome)) for outcome in Result}
 
 
 class Stage(NamedTuple):
@@ -290,4 +298,5 @@ __all__ = [
     "get_method",
     "register",
     "register_layer_method",
+    "result_counts",
 ]

@@ -54,7 +54,14 @@ from jprune.solvers import (
     row_separable,
 )
 
-from .base import METHODS, LayerProblem, LayerResult, corrected_gram, register_layer_method
+from .base import (
+    METHODS,
+    LayerProblem,
+    LayerResult,
+    corrected_gram,
+    register_layer_method,
+    result_counts,
+)
 from .optima import layer_quadratic, refit, row_errors
 
 WARM_STARTS = ("sparsegpt", "wanda")
@@ -148,7 +155,7 @@ def fista_prune(
             solver=lasso_solver,
         )
         (best, best_error), error = keep_better(best, best_error, V * scale[None, :])
-        return (best, best_error, V), {"error": error, "lam": search.lam}
+        return (best, best_error, V), {"error": error, "lam": search.lam, "result": search.result}
 
     problem_start = start
     start_error = errors(start)
@@ -186,7 +193,8 @@ def fista_prune(
     )
     stats["refit"] = jnp.concatenate([from_lasso, from_dense])
     # CG from the kept answer only lowers each row's objective, so this keeps it the best.
-    best, _ = refit(H_error, C, best != 0, best, maxiter=refit_maxiter, tol=refit_tol)
+    best, refit_info = refit(H_error, C, best != 0, best, maxiter=refit_maxiter, tol=refit_tol)
+    stats["refit_result"] = refit_info.result
     return best, jnp.sum(errors(best)), stats
 
 
@@ -279,8 +287,10 @@ def fista(problem: LayerProblem, pattern: Pattern, options: FistaOptions) -> Lay
         "error": float(error),
         "lasso_error": float(stats["error"][best]),
         "lam": float(stats["lam"][best].mean()),
+        "lasso_result": result_counts(stats["result"][best]),
     }
     if o.refit:
+        info["refit_result"] = result_counts(stats["refit_result"])
         info["pursuit_steps_used"] = int(
             jnp.sum(jnp.diff(jnp.minimum.accumulate(stats["refit"])) < 0)
         )

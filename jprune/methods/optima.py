@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jprune.options import option
 from jprune.solvers import Pattern, box_qp, check_pattern_fits, keep_mask
 
-from .base import METHODS, LayerProblem, LayerResult, register_layer_method
+from .base import METHODS, LayerProblem, LayerResult, register_layer_method, result_counts
 
 SELECTORS = ("magnitude", "wanda", "sparsegpt", "fista")
 
@@ -129,6 +129,7 @@ def optima(problem: LayerProblem, pattern: Pattern, options: OptimaOptions) -> L
         "kkt": float(info.kkt.max()),
         "iterations": int(info.iterations),
         "converged": float(info.converged.mean()),
+        "result": result_counts(info.result),
         "kept_selector": not bool(better),
         "error_decrease": float(2.0 * (error_selector - error_qp)),
     }
