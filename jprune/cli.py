@@ -98,6 +98,8 @@ def prune_config(args: argparse.Namespace):
     data = read_config(args.config) if args.config else {}
     data = {name: dict(section or {}) for name, section in data.items()}
 
+    file_method = (data.get("target") or {}).get("method")
+
     def put(section: str, key: str, value) -> None:
         data.setdefault(section, {})[key] = value
 
@@ -110,7 +112,7 @@ def prune_config(args: argparse.Namespace):
         put("target", "sparsity", args.sparsity)
         put("target", "pattern", args.pattern)
     options = dict(data.get("target", {}).get("options") or {})
-    if (data.get("target") or {}).get("method") != args.method and args.method is not None:
+    if args.method is not None and args.method != file_method:
         options = {}  # another method on the command line: the file's options were for its own
     options.update(dict(args.option or ()))
     if args.mask_from is not None:

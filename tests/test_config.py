@@ -187,3 +187,22 @@ def test_read_config_refuses_a_report_without_its_configuration(tmp_path):
     broken.write_text("[1, 2]")
     with pytest.raises(JpruneError, match="must hold a mapping of sections"):
         read_config(broken)
+
+
+def test_another_method_on_the_command_line_drops_the_files_options(tmp_path):
+    """A recipe's options belong to its method: --method on the command line starts afresh."""
+    from jprune.cli import build_parser, prune_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{path: x}}\ntarget: {{method: sparsegpt, sparsity: 0.5, options: {{blocksize: 32}}}}\n"
+        f"calibration: {{text: {CALIB_TEXT}}}\n"
+    )
+    parse = build_parser().parse_args
+    kept = prune_config(parse(["prune", "--config", str(recipe)]))
+    assert kept.target.options == {"blocksize": 32}
+    same = prune_config(parse(["prune", "--config", str(recipe), "--method", "sparsegpt"]))
+    assert same.target.options == {"blocksize": 32}
+    other = prune_config(parse(["prune", "--config", str(recipe), "--method", "wanda"]))
+    assert other.target.method == "wanda" and other.target.options == {}
+    assert resolve(other).method.name == "wanda"
