@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -157,10 +158,36 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {err}") from None
 
 
-def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
+def _read_safetensors(file: Path, names=None) -> dict[str, np.ndarray]:
     try:
         with safe_open(str(file), framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in (f.keys() if names is None else names)}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read {str(file)!r} (truncated or corrupt safetensors?): {err}"
+        ) from None
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+}
+
+
+def _safetensors_shapes(file: Path) -> dict[str, jax.ShapeDtypeStruct]:
+    """Name -> shape and dtype of every tensor of a safetensors file, from its header only."""
+    try:
+        with safe_open(str(file), framework="np") as f:
+            out = {}
+            for name in f.keys():
+                view = f.get_slice(name)
+                dtype = _SAFETENSORS_DTYPES.get(view.get_dtype(), np.dtype(np.float32))
+                out[name] = jax.ShapeDtypeStruct(tuple(view.get_shape()), dtype)
+            return out
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(
             f"cannot read {str(file)!r} (truncated or corrupt safetensors?): {err}"
@@ -184,68 +211,156 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of an HF checkpoint directory, by HF name, in their stored dtype."""
-    directory = Path(path)
+def _weight_files(directory: Path) -> dict[str, list[str]] | None:
+    """Safetensors file -> the HF names it holds (from headers / the index), or ``None`` for
+    a ``pytorch_model.bin`` checkpoint."""
     if (directory / SAFE_WEIGHTS).is_file():
-        return _read_safetensors(directory / SAFE_WEIGHTS)
+        return {SAFE_WEIGHTS: list(_safetensors_shapes(directory / SAFE_WEIGHTS))}
     if (directory / SAFE_INDEX).is_file():
-        index = json.loads((directory / SAFE_INDEX).read_text())
-        tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        try:
+            weight_map = json.loads((directory / SAFE_INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"{SAFE_INDEX} in {str(directory)!r} is unreadable: {err}"
+            ) from None
+        files: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            files.setdefault(shard, []).append(name)
+        for shard in sorted(files):
             if not (directory / shard).is_file():
                 raise CheckpointError(f"shard {shard!r} named in {SAFE_INDEX} is missing")
-            tensors.update(_read_safetensors(directory / shard))
-        return tensors
+        return files
     if (directory / BIN_WEIGHTS).is_file():
-        return _read_torch_bin(directory / BIN_WEIGHTS)
+        return None
     raise CheckpointError(
         f"no weights in {str(directory)!r}: expected {SAFE_WEIGHTS}, {SAFE_INDEX} or {BIN_WEIGHTS}"
     )
 
 
-def canonical_arrays(
-    spec: ModelSpec, tensors: Mapping[str, np.ndarray], dtype: str | None = None
-) -> dict[str, np.ndarray]:
-    """HF-named tensors -> canonical-named arrays; refuses missing and unknown tensors."""
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of an HF checkpoint directory, by HF name, in their stored dtype."""
+    directory = Path(path)
+    files = _weight_files(directory)
+    if files is None:
+        return _read_torch_bin(directory / BIN_WEIGHTS)
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(files):
+        tensors.update(_read_safetensors(directory / shard))
+    return tensors
+
+
+def _check_names(spec: ModelSpec, available) -> dict[str, str]:
+    """The spec's canonical -> HF name table, after refusing unknown and missing tensors."""
     name_map = hf_name_map(spec)
     expected = set(name_map.values())
     tied_head = "lm_head.weight" if spec.tie_embeddings else None
     unknown = sorted(
         n
-        for n in tensors
+        for n in available
         if n not in expected and n != tied_head and not n.endswith(_IGNORED_SUFFIXES)
     )
     if unknown:
         raise UnsupportedModelError(
             f"checkpoint tensor {unknown[0]!r} is not handled by the {spec.family} converter"
         )
-    missing = sorted(expected - set(tensors))
+    missing = sorted(expected - set(available))
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor {missing[0]!r}")
+    return name_map
+
+
+def canonical_arrays(
+    spec: ModelSpec, tensors: Mapping[str, np.ndarray], dtype: str | None = None
+) -> dict[str, np.ndarray]:
+    """HF-named tensors -> canonical-named arrays; refuses missing and unknown tensors."""
+    name_map = _check_names(spec, tensors)
     target = None if dtype is None else DTYPES[dtype]
-    out = {}
-    for ours, theirs in name_map.items():
-        array = tensors[theirs]
-        out[ours] = array if target is None else array.astype(target)
-    return out
+    return {
+        ours: tensors[theirs] if target is None else tensors[theirs].astype(target)
+        for ours, theirs in name_map.items()
+    }
+
+
+class Checkpoint:
+    """An HF checkpoint directory, opened lazily: the config and the tensor headers are read
+    at once (so unknown, missing or mis-sized tensors are refused before any work), tensors
+    only when asked for, a block at a time. Safetensors are memory-mapped and read per
+    tensor; a ``pytorch_model.bin`` is loaded once into host memory (its format has no index).
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: str | None = None):
+        if dtype is not None and dtype not in DTYPES:
+            raise JpruneError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        self.path = Path(path)
+        self.config = read_config(path)
+        self.spec = spec_from_hf_config(self.config)
+        self.dtype = None if dtype is None else DTYPES[dtype]
+        files = _weight_files(self.path)
+        if files is None:
+            self._loaded = _read_torch_bin(self.path / BIN_WEIGHTS)
+            self._file_of: dict[str, str] = {}
+            stored = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in self._loaded.items()}
+        else:
+            self._loaded = {}
+            self._file_of = {name: file for file, names in files.items() for name in names}
+            stored = {}
+            for file in sorted(files):
+                stored |= _safetensors_shapes(self.path / file)
+        self.name_map = _check_names(self.spec, stored)
+        self.shapes = {
+            ours: jax.ShapeDtypeStruct(stored[theirs].shape, self.dtype or stored[theirs].dtype)
+            for ours, theirs in self.name_map.items()
+        }
+        _check_widths(self.config, self.spec, self.shapes)
+
+    def read(self, names) -> dict[str, np.ndarray]:
+        """Canonical name -> array (cast to the requested dtype) for ``names``."""
+        names = list(names)
+        by_file: dict[str, list[str]] = {}
+        out: dict[str, np.ndarray] = {}
+        for ours in names:
+            theirs = self.name_map[ours]
+            if theirs in self._loaded:
+                out[ours] = self._loaded[theirs]
+            else:
+                by_file.setdefault(self._file_of[theirs], []).append(theirs)
+        back = {theirs: ours for ours, theirs in self.name_map.items()}
+        for file, hf_names in by_file.items():
+            for theirs, array in _read_safetensors(self.path / file, hf_names).items():
+                out[back[theirs]] = array
+        if self.dtype is not None:
+            out = {k: v.astype(self.dtype) for k, v in out.items()}
+        return {k: out[k] for k in names}
+
+    def block_names(self, index: int) -> list[str]:
+        prefix = f"layers.{index}."
+        return [n for n in self.name_map if n.startswith(prefix)]
+
+    def outer_names(self) -> list[str]:
+        """Everything outside the decoder blocks: embeddings, final norm, head."""
+        return [n for n in self.name_map if not n.startswith("layers.")]
+
+    def block(self, index: int) -> dict[str, np.ndarray]:
+        return self.read(self.block_names(index))
+
+    def outer(self) -> dict[str, np.ndarray]:
+        return self.read(self.outer_names())
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(int(np.prod(s.shape)) for s in self.shapes.values())
 
 
 def load_model(path: str | os.PathLike, dtype: str | None = None):
-    """Load an HF directory into a ``jprune.model.CausalLM``.
+    """Load an HF directory into a ``jprune.model.CausalLM``, every block in memory.
 
     Returns ``(model, hf_config)``. ``dtype`` (``float32``/``float16``/``bfloat16``) casts the
-    stored weights; ``None`` keeps them as stored.
+    stored weights; ``None`` keeps them as stored. ``Checkpoint`` reads a block at a time.
     """
     from jprune.model import CausalLM
 
-    if dtype is not None and dtype not in DTYPES:
-        raise JpruneError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    config = read_config(path)
-    spec = spec_from_hf_config(config)
-    arrays = canonical_arrays(spec, read_tensors(path), dtype)
-    _check_widths(config, spec, arrays)
-    return CausalLM(spec, arrays), config
+    checkpoint = Checkpoint(path, dtype)
+    return CausalLM(checkpoint.spec, checkpoint.read(checkpoint.name_map)), checkpoint.config
 
 
 def _check_widths(config: Mapping[str, Any], spec: ModelSpec, arrays) -> None:
@@ -314,9 +429,50 @@ def write_tensors(directory: Path, tensors: Mapping[str, np.ndarray], max_shard_
     (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _dtype_name(arrays: Mapping[str, np.ndarray]) -> str:
+def dtype_name(arrays: Mapping[str, np.ndarray]) -> str:
     names = {v: k for k, v in DTYPES.items()}
     return names.get(next(iter(arrays.values())).dtype, "float32")
+
+
+def export_config(
+    hf_config: Mapping[str, Any], dtype_name: str, config_updates: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """config.json of an exported checkpoint: the source's, its dtype and the updates."""
+    config = dict(hf_config)
+    config["dtype"] = dtype_name
+    config.pop("torch_dtype", None)
+    return config | dict(config_updates or {})
+
+
+def write_metadata(
+    directory: Path,
+    config: Mapping[str, Any],
+    source: str | os.PathLike | None,
+    extra_files: Mapping[str, str] | None = None,
+) -> None:
+    """config.json, generation config, tokenizer files, remote code and ``extra_files``."""
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    src = Path(source) if source is not None else None
+    generation = src / "generation_config.json" if src else None
+    if generation is not None and generation.is_file():
+        shutil.copy2(generation, directory / "generation_config.json")
+    else:
+        gen = {
+            k: config[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if config.get(k) is not None
+        }
+        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    for name in TOKENIZER_FILES if src else ():
+        if (src / name).is_file():
+            shutil.copy2(src / name, directory / name)
+    # Remote modeling code the config points to travels with the weights.
+    for ref in (config.get("auto_map") or {}).values() if src else ():
+        module = f"{ref.split('.')[0]}.py"
+        if (src / module).is_file():
+            shutil.copy2(src / module, directory / module)
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
 
 
 def save_model(
@@ -341,32 +497,51 @@ def save_model(
     arrays = {k: np.asarray(v) for k, v in named_arrays(model).items()}
     name_map = hf_name_map(model.spec)
     tensors = {name_map[k]: v for k, v in arrays.items()}
-    config = dict(hf_config)
-    config["dtype"] = _dtype_name(arrays)
-    config.pop("torch_dtype", None)
-    config |= dict(config_updates or {})
+    config = export_config(hf_config, dtype_name(arrays), config_updates)
     with atomic_directory(out, force=force) as staging:
         write_tensors(staging, tensors, max_shard_bytes)
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        src = Path(source) if source is not None else None
-        generation = src / "generation_config.json" if src else None
-        if generation is not None and generation.is_file():
-            shutil.copy2(generation, staging / "generation_config.json")
-        else:
-            gen = {
-                k: config[k]
-                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if config.get(k) is not None
-            }
-            (staging / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        for name in TOKENIZER_FILES if src else ():
-            if (src / name).is_file():
-                shutil.copy2(src / name, staging / name)
-        # Remote modeling code the config points to travels with the weights.
-        for ref in (config.get("auto_map") or {}).values() if src else ():
-            module = f"{ref.split('.')[0]}.py"
-            if (src / module).is_file():
-                shutil.copy2(src / module, staging / module)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
+        write_metadata(staging, config, source, extra_files)
     return Path(out)
+
+
+class BlockShards:
+    """A checkpoint written a block at a time, in the ``save_pretrained`` sharded layout.
+
+    Decoder block ``i`` is shard ``i + 1`` of ``num_layers + 1``; the last shard holds the
+    rest (embeddings, final norm, head). Each shard is written to a temporary name and renamed,
+    so a shard that exists is complete (what resuming a run relies on); ``write_index`` lists
+    them all once every one is there.
+    """
+
+    def __init__(self, directory: Path, spec: ModelSpec):
+        self.directory = Path(directory)
+        self.spec = spec
+        self.name_map = hf_name_map(spec)
+        self.count = spec.num_layers + 1
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.count:05d}.safetensors"
+
+    def _write(self, number: int, arrays: Mapping[str, np.ndarray]) -> None:
+        tensors = {self.name_map[k]: np.ascontiguousarray(v) for k, v in sorted(arrays.items())}
+        final = self.directory / self.shard_name(number)
+        partial = final.with_suffix(".tmp")
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        os.replace(partial, final)
+
+    def write_block(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """``arrays``: block ``index``'s canonical-named tensors (``layers.{index}.q.weight``)."""
+        self._write(index + 1, arrays)
+
+    def write_outer(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self._write(self.count, arrays)
+
+    def write_index(self) -> None:
+        weight_map, total = {}, 0
+        for number in range(1, self.count + 1):
+            shard = self.shard_name(number)
+            for name, shape in _safetensors_shapes(self.directory / shard).items():
+                weight_map[name] = shard
+                total += int(np.prod(shape.shape)) * shape.dtype.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -18,7 +18,7 @@ def _progress_bar(total: int, desc: str, quiet: bool):
     # Drawn only once work has been done: an input refused before the first batch (seqlen,
     # batch size) then ends in the one error line alone, with no bar residue on stderr.
     return tqdm(
-        total=total, desc=desc, unit="win", disable=quiet, file=sys.stderr, leave=False, delay=0.1
+        total=total, desc=desc, unit="block", disable=quiet, file=sys.stderr, leave=False, delay=0.1
     )
 
 
@@ -29,15 +29,15 @@ def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, batch_size: 
     windows = eval_windows(
         tokenize(tokenizer, read_text(text_source)), seqlen, source=f"text {text_source!r}"
     )
-    with _progress_bar(len(windows), f"eval {text_source}", quiet) as bar:
+    with _progress_bar(model.spec.num_layers, f"eval {text_source}", quiet) as bar:
         return perplexity(model, windows, batch_size=batch_size, progress=bar.update)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from jprune.converters.hf import load_model
+    from jprune.converters.hf import Checkpoint
     from jprune.data import load_tokenizer
 
-    model, _ = load_model(args.model, dtype=args.dtype)
+    model = Checkpoint(args.model, dtype=args.dtype)  # read a block at a time
     tokenizer = load_tokenizer(args.model)
     seqlen = args.seqlen or model.spec.default_seqlen
     result = _evaluate_text(
@@ -88,6 +88,7 @@ FLAG_FIELDS = {
     "eval_seqlen": ("evaluation", "seqlen"),
     "out": ("output", "out"),
     "force": ("output", "force"),
+    "resume": ("output", "resume"),
 }
 
 
@@ -347,7 +348,17 @@ def _output_flags(group) -> None:
         help="output directory for the pruned checkpoint and report.json (must not exist unless --force)",
     )
     group.add_argument(
-        "--force", action="store_true", default=None, help="replace --out if it exists"
+        "--force",
+        action="store_true",
+        default=None,
+        help="replace --out if it exists, and discard an interrupted run's staging directory",
+    )
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue an interrupted run from the last block finished in --out's staging "
+        "directory (.OUT.partial); refused if the model, calibration or settings differ",
     )
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 

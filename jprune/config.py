@@ -74,7 +74,8 @@ class EvaluationConfig:
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
     out: str | None = option(None, "directory of the pruned checkpoint and report.json")
-    force: bool = option(False, "replace out if it exists")
+    force: bool = option(False, "replace out if it exists (and discard a partial run of it)")
+    resume: bool = option(False, "continue the interrupted run in out's staging directory")
 
 
 SECTIONS = {
@@ -136,6 +137,7 @@ class PruneConfig:
         evaluate_dense: bool = True,
         out: str | os.PathLike | None = None,
         force: bool = False,
+        resume: bool = False,
         **engine: Any,
     ) -> PruneConfig:
         """A configuration from flat keywords (``engine``: the ``EngineConfig`` fields)."""
@@ -161,7 +163,11 @@ class PruneConfig:
                     "seqlen": eval_seqlen,
                     "dense": evaluate_dense,
                 },
-                "output": {"out": None if out is None else str(out), "force": force},
+                "output": {
+                    "out": None if out is None else str(out),
+                    "force": force,
+                    "resume": resume,
+                },
             },
             "prune()",
         )

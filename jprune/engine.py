@@ -44,11 +44,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jprune import memory
+from jprune.blocks import BlockState, InMemoryBlocks, as_blocks
 from jprune.config import check_engine_options
 from jprune.errors import JpruneError
 from jprune.methods import LayerProblem, Method
 from jprune.methods.base import STATISTICS, UnitContext
-from jprune.model import LINEAR_INPUTS, named_arrays
+from jprune.model import LINEAR_INPUTS, CausalLM, named_arrays
 from jprune.sharding import mesh_size, pad_rows, replicate, shard_leading, to_host
 from jprune.solvers import row_separable
 
@@ -152,7 +154,7 @@ class Activations:
     def __init__(self, batches: Sequence[jax.Array], options: EngineOptions):
         self.on_host = options.offload or options.mesh is not None
         self.options = options
-        self.batches = [to_host(b) if self.on_host else b for b in batches]
+        self.batches = [to_host(b) if self.on_host else jnp.asarray(b) for b in batches]
 
     def __iter__(self):
         for batch in self.batches:
@@ -366,6 +368,44 @@ def layer_memory_bytes(d_out: int, d_in: int, num_grams: int, activation_bytes: 
     return 4 * (6 * d_out * d_in + num_grams * d_in * d_in) + activation_bytes
 
 
+def _nbytes(shape) -> int:
+    return int(np.prod(shape.shape)) * np.dtype(shape.dtype).itemsize
+
+
+def memory_bound(shapes: Mapping[str, Any], spec, stream_bytes: int, streams: int) -> int:
+    """The most a pruning run holds at once besides the runtime itself (the README's bound):
+
+    * what surrounds the blocks (embeddings, final norm, head) as stored, plus a float32
+      copy of its largest matrix (the head's product casts it);
+    * one block three times in float32 (the dense and pruned parameters and a cast copy);
+    * the Grams of one block's linear inputs, three per input (``gram``, ``cross``, ``dense``);
+    * solver state of its largest linear (``layer_memory_bytes``' six copies);
+    * the calibration streams (one or two), their cached attention outputs and the next
+      block's inputs while they are computed.
+
+    Independent of the number of blocks: only the largest block counts.
+    """
+    outer = {n: s for n, s in shapes.items() if not n.startswith("layers.")}
+    total = sum(_nbytes(s) for s in outer.values())
+    total += 4 * max((int(np.prod(s.shape)) for s in outer.values()), default=0)
+    per_block: dict[str, int] = {}
+    largest = 0
+    inputs: dict[str, dict[str, int]] = {}
+    for name, s in shapes.items():
+        if name.startswith("layers."):
+            block = name.split(".")[1]
+            per_block[block] = per_block.get(block, 0) + int(np.prod(s.shape))
+            if name.endswith(".weight") and len(s.shape) == 2:
+                largest = max(largest, int(np.prod(s.shape)))
+                role = name.split(".")[2]
+                if role in LINEAR_INPUTS:
+                    inputs.setdefault(block, {})[LINEAR_INPUTS[role]] = s.shape[1]
+    total += 3 * 4 * max(per_block.values(), default=0)
+    grams = max((sum(d * d for d in taps.values()) for taps in inputs.values()), default=0)
+    total += 3 * 4 * grams + 6 * 4 * largest
+    return total + (2 * streams + 2) * stream_bytes
+
+
 def _device_peak_bytes() -> int | None:
     stats = jax.local_devices()[0].memory_stats()
     return None if not stats else stats.get("peak_bytes_in_use")
@@ -375,10 +415,12 @@ def _device_peak_bytes() -> int | None:
 
 
 class PruneOutcome(NamedTuple):
-    model: Any  # the pruned CausalLM (a new, smaller one for structured methods)
+    model: Any  # the pruned CausalLM (in-memory runs; None when blocks stream to disk)
+    spec: Any  # the pruned model's spec (structured methods narrow it)
     records: list[dict[str, Any]]  # one per pruned unit, the same shape for every method
     config_updates: dict[str, Any]  # config.json changes the export needs
     extra_files: dict[str, str]  # files written beside the checkpoint (remote modeling code)
+    memory: dict[str, Any]  # the bound (bytes) and, per block, measured peak RSS and device peak
 
 
 def _flat_params(state) -> dict[str, jax.Array]:
@@ -456,6 +498,33 @@ def _prune_stage(job: _Job, index, stage, state, stats, held, changed) -> list[d
     return records
 
 
+def _block_memory(index: int) -> dict[str, Any]:
+    return {
+        "block": index,
+        "peak_rss_bytes": memory.peak(),
+        "device_peak_bytes": _device_peak_bytes(),
+    }
+
+
+def _initial_streams(blocks, calibration, options: EngineOptions, use_dense: bool):
+    """The calibration streams entering the first block to prune, and where to start."""
+    resumed = blocks.resume()
+    if resumed is not None:
+        streams = {k: Activations(v, options) for k, v in resumed.streams.items()}
+        x_dense = streams.get("x_dense")
+        x = streams["x"] if options.sequential else x_dense
+        return resumed.next_block, x, x_dense, resumed.records, dict(resumed.shapes)
+    mesh, size = options.mesh, options.batch_size
+    windows = [calibration[s : s + size] for s in range(0, calibration.shape[0], size)]
+    embed_graph, embed_state = nnx.split(blocks.shell)
+    embed_state = jax.tree.map(lambda a: replicate(a, mesh), embed_state)
+    x = Activations(
+        [embed_tokens_fn(embed_graph, embed_state, shard_leading(w, mesh)) for w in windows],
+        options,
+    )
+    return 0, x, (x if use_dense else None), [], {}
+
+
 def prune_model(
     model,
     calibration: np.ndarray,
@@ -470,30 +539,25 @@ def prune_model(
 ) -> PruneOutcome:
     """Prune ``model`` with ``method`` at ``target`` (a Pattern, or ``structured.Channels``).
 
-    ``calibration`` is (nsamples, seqlen) token ids. Layer-function methods change ``model``
-    in place; structured methods return a new, smaller one. ``progress(stage, block,
-    num_blocks)`` is called as work advances (the CLI draws a bar from it). ``hf_names`` maps
-    canonical layer names (``layers.0.q``) to the names shown in the report.
+    ``model`` is a loaded ``CausalLM`` (changed in place; structured methods return a new,
+    smaller one) or a ``blocks.ModelBlocks`` (a checkpoint streamed a block at a time, each
+    finished block handed to its ``store`` and dropped). ``calibration`` is (nsamples, seqlen)
+    token ids. ``progress(stage, block, num_blocks)`` is called as work advances (the CLI draws
+    a bar from it). ``hf_names`` maps canonical layer names (``layers.0.q``) to the names shown
+    in the report.
     """
+    blocks = as_blocks(model)
     program = method.program
     method_options = method.options() if method_options is None else method_options
     check_engine_options(
         method, options.intra_block, options.batch_size, options.row_blocks, mesh_size(options.mesh)
     )
-    spec, mesh = model.spec, options.mesh
-    program.check(spec, named_arrays(model), target, method_options, hf_config or {})
+    spec, mesh = blocks.spec, options.mesh
+    program.check(spec, parameter_shapes(blocks), target, method_options, hf_config or {})
     stages = program.stages(spec, method_options, options.intra_block)
     wants_dense = any(DENSE_STATISTICS & set(w) for st in stages for w in st.statistics.values())
-    size = options.batch_size
-    windows = [calibration[s : s + size] for s in range(0, calibration.shape[0], size)]
-    embed_graph, embed_state = nnx.split(model)
-    embed_state = jax.tree.map(lambda a: replicate(a, mesh), embed_state)
-    x = Activations(
-        [embed_tokens_fn(embed_graph, embed_state, shard_leading(w, mesh)) for w in windows],
-        options,
-    )
     use_dense = wants_dense or not options.sequential
-    x_dense = x if use_dense else None
+    start, x, x_dense, records, shapes = _initial_streams(blocks, calibration, options, use_dense)
     streams = 2 if use_dense else 1
 
     def solve_rows(layer, problem, pattern, layer_options):
@@ -502,8 +566,10 @@ def prune_model(
     job = _Job(
         program, spec, target, method_options, int(calibration.size), hf_names, solve_rows, mesh
     )
-    records = []
-    for index, block in enumerate(model.layers):
+    block_memory = []
+    for index in range(start, spec.num_layers):
+        memory.reset_peak()
+        block = blocks.load(index)
         graphdef, live_state = nnx.split(block)
         # split returns the block's own Variables, which nnx.update below overwrites: keep two
         # separate containers (sharing the immutable arrays) for the dense and pruned weights.
@@ -535,10 +601,35 @@ def prune_model(
             x = _block_pass(_block_outputs, graphdef, state, x_in, attention)
         else:
             x = x_dense
+        shapes |= {f"layers.{index}.{k}": list(v.shape) for k, v in _flat_params(state).items()}
+        kept = {"x": x} if options.sequential else {}
+        kept |= {"x_dense": x_dense} if use_dense else {}
+        block_state = BlockState(
+            index + 1, {k: v.batches for k, v in kept.items()}, records, shapes
+        )
+        blocks.store(index, block, block_state)
+        del block, state, dense_state, live_state, attention, dense_attention, stats
+        block_memory.append(_block_memory(index))
     if progress is not None:
         progress("done", spec.num_layers, spec.num_layers)
-    model, config_updates, extra_files = program.finish(model, hf_config or {}, method_options)
-    return PruneOutcome(model, records, config_updates, extra_files)
+    new_spec, config_updates, extra_files = program.finish(
+        spec, shapes, hf_config or {}, method_options
+    )
+    pruned = None
+    if isinstance(blocks, InMemoryBlocks):
+        pruned = blocks.model
+        if new_spec != spec:
+            pruned = CausalLM(new_spec, named_arrays(pruned))
+    bound = memory_bound(parameter_shapes(blocks), spec, x.nbytes, streams)
+    usage = {"bound_bytes": bound, "blocks": block_memory}
+    return PruneOutcome(pruned, new_spec, records, config_updates, extra_files, usage)
+
+
+def parameter_shapes(blocks) -> dict[str, Any]:
+    """Canonical parameter name -> array or shape struct (anything with ``.shape``)."""
+    if isinstance(blocks, InMemoryBlocks):
+        return named_arrays(blocks.model)
+    return blocks.checkpoint.shapes
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:

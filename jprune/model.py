@@ -190,14 +190,21 @@ class Block(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """A decoder-only LM built from canonical-named arrays (see module docstring)."""
+    """A decoder-only LM built from canonical-named arrays (see module docstring).
 
-    def __init__(self, spec: ModelSpec, arrays: Mapping[str, np.ndarray]):
+    ``with_blocks=False`` builds only what surrounds the decoder blocks (embeddings, final norm,
+    head): the shell a block-streaming run keeps in memory while blocks come and go.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, arrays: Mapping[str, np.ndarray], *, with_blocks: bool = True
+    ):
         self.spec = spec
         self.embed = Embedding(arrays, "embed")
         self.pos_embed = Embedding(arrays, "pos_embed") if spec.rope is None else None
         self.project_in = Linear(arrays, "project_in", False) if spec.has_projections else None
-        self.layers = nnx.List([Block(arrays, f"layers.{i}", spec) for i in range(spec.num_layers)])
+        count = spec.num_layers if with_blocks else 0
+        self.layers = nnx.List([Block(arrays, f"layers.{i}", spec) for i in range(count)])
         self.final_norm = (
             Norm(arrays, "final_norm", spec.norm, spec.norm_eps) if spec.final_norm else None
         )

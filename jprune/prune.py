@@ -11,21 +11,33 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 
+from jprune import memory
+from jprune.blocks import CheckpointBlocks
 from jprune.config import PruneConfig, Run, check_engine_options, resolve
-from jprune.converters.hf import hf_name_map, load_model, save_model
+from jprune.converters.hf import (
+    BlockShards,
+    Checkpoint,
+    dtype_name,
+    export_config,
+    hf_name_map,
+    write_metadata,
+)
 from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
 from jprune.engine import EngineOptions, prune_model, summarize
 from jprune.errors import JpruneError
-from jprune.evaluate import perplexity
-from jprune.model import named_arrays, parameter_count
+from jprune.evaluate import evaluation_bytes, perplexity
 from jprune.sharding import make_mesh, mesh_size
 from jprune.solvers import NM
+from jprune.staging import Staging, fingerprint
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -72,18 +84,22 @@ def _engine_options(run: Run) -> EngineOptions:
     return engine
 
 
-def _load(run: Run):
-    """The model, its config, the calibration windows and the evaluation windows per text."""
+def _check_model(run: Run, checkpoint: Checkpoint) -> None:
+    """Refuse what the model cannot take, from the config and tensor headers alone."""
+    seqlen = run.config.calibration.seqlen
+    limit = checkpoint.spec.max_position_embeddings
+    if seqlen > limit:
+        raise JpruneError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
+    run.method.program.check(
+        checkpoint.spec, checkpoint.shapes, run.target, run.method_options, checkpoint.config
+    )
+
+
+def _texts(run: Run):
+    """The calibration windows and the evaluation windows per text."""
     config = run.config
-    net, hf_config = load_model(config.model.path, dtype=config.model.dtype)
-    calib = config.calibration
-    if calib.seqlen > net.spec.max_position_embeddings:
-        raise JpruneError(
-            f"seqlen {calib.seqlen} exceeds the model's max_position_embeddings "
-            f"{net.spec.max_position_embeddings}"
-        )
-    run.method.program.check(net.spec, named_arrays(net), run.target, run.method_options, hf_config)
     tokenizer = load_tokenizer(config.model.path)
+    calib = config.calibration
     calibration = calibration_windows(
         tokenize(tokenizer, read_text(calib.text, split="train")),
         calib.nsamples,
@@ -96,15 +112,23 @@ def _load(run: Run):
         t: eval_windows(tokenize(tokenizer, read_text(t)), eval_len, source=f"text {t!r}")
         for t in config.evaluation.texts
     }
-    return net, hf_config, calibration, evaluations
+    return calibration, evaluations
 
 
-def _perplexities(net, evaluations, batch_size, label, progress) -> dict[str, float]:
+def _perplexities(model, evaluations, batch_size, label, progress) -> dict[str, float]:
     result = {}
     for name, windows in evaluations.items():
-        if progress is not None:
-            progress(f"eval {label} on {name}", 0, net.spec.num_layers)
-        result[name] = perplexity(net, windows, batch_size=batch_size).perplexity
+        done = 0
+
+        def advance(blocks: int, name=name) -> None:
+            nonlocal done
+            done += blocks
+            if progress is not None:
+                progress(f"eval {label} on {name}", done, model.spec.num_layers)
+
+        result[name] = perplexity(
+            model, windows, batch_size=batch_size, progress=advance
+        ).perplexity
     return result
 
 
@@ -118,23 +142,109 @@ def _machine(engine: EngineOptions) -> dict[str, Any]:
     }
 
 
+def _barrier(name: str) -> None:
+    """Every process waits here (multi-host runs: process 0 writes what the others read)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _open_staging(run: Run, writer: bool) -> Staging:
+    """The staging directory: checked (stale, resume) before any work; a temporary one when
+    the run writes no output (blocks still go to disk, so memory stays bounded)."""
+    output = run.config.output
+    if output.out is None and jax.process_count() > 1:
+        raise JpruneError("a multi-host run needs an output directory: its processes share it")
+    if output.out is None:
+        path = Path(tempfile.mkdtemp(prefix="jprune-run-")) if writer else None
+        return Staging(path, writer=writer, journal=False)
+    identity = fingerprint(run.config.to_dict())
+    return Staging.open(
+        output.out, identity, resume=output.resume, force=output.force, writer=writer
+    )
+
+
+def _write_checkpoint(staging: Staging, checkpoint: Checkpoint, outcome, source: str) -> None:
+    """Everything but the blocks (already written): the rest of the tensors, the shard index,
+    config.json (with the method's changes), tokenizer and generation config."""
+    shards = BlockShards(staging.path, outcome.spec)
+    outer = checkpoint.outer()
+    shards.write_outer(outer)
+    shards.write_index()
+    config = export_config(checkpoint.config, dtype_name(outer), outcome.config_updates)
+    write_metadata(staging.path, config, source, outcome.extra_files)
+
+
+def _memory_report(outcome, baseline: int, evaluations) -> dict[str, Any]:
+    """Measured peaks against the stated bound: peak RSS <= baseline + the larger bound."""
+    eval_bound = max(
+        (evaluation_bytes(outcome.spec, w.shape) for w in evaluations.values()), default=0
+    )
+    return {
+        "peak_rss_bytes": memory.lifetime_peak(),
+        "baseline_rss_bytes": baseline,
+        "bound_bytes": outcome.memory["bound_bytes"],
+        "eval_bound_bytes": eval_bound,
+        "blocks": outcome.memory["blocks"],
+    }
+
+
 def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
     started = time.perf_counter()
-    config, method, target = run.config, run.method, run.target
+    config = run.config
     engine = _engine_options(run)
-    net, hf_config, calibration, evaluations = _load(run)
+    checkpoint = Checkpoint(config.model.path, config.model.dtype)  # headers only
+    _check_model(run, checkpoint)
+    calibration, evaluations = _texts(run)
+    baseline = memory.current()  # the runtime and tokenizer, before any weights
+    writer = jax.process_index() == 0
+    staging = _open_staging(run, writer)
+    _barrier("jprune: staging checked")
+    try:
+        return _prune_into(
+            run,
+            progress,
+            engine,
+            checkpoint,
+            staging,
+            (calibration, evaluations),
+            started,
+            baseline,
+        )
+    except BaseException:
+        # A failure before any block finished leaves nothing worth resuming.
+        if writer and staging.journal and not staging.progress().get("blocks_done"):
+            shutil.rmtree(staging.path, ignore_errors=True)
+        raise
+    finally:
+        if config.output.out is None and writer:
+            shutil.rmtree(staging.path, ignore_errors=True)
+
+
+def _prune_into(run, progress, engine, checkpoint, staging, texts, started, baseline):
+    config, method, target = run.config, run.method, run.target
+    calibration, evaluations = texts
+    writer = staging.writer
     batch = engine.batch_size
-    before = dict.fromkeys(evaluations)
-    if config.evaluation.dense:
-        before = _perplexities(net, evaluations, batch, "dense", progress)
+    before = staging.recall("perplexity_before") or dict.fromkeys(evaluations)
+    if config.evaluation.dense and any(before.get(t) is None for t in evaluations):
+        before = _perplexities(checkpoint, evaluations, batch, "dense", progress)
+        staging.remember("perplexity_before", before)
     prune_started = time.perf_counter()
-    parameters_before = parameter_count(net)
+    blocks = CheckpointBlocks(
+        checkpoint, BlockShards(staging.path, checkpoint.spec) if writer else None, staging
+    )
     outcome = prune_model(
-        net, calibration, method, target, run.method_options, engine,
-        hf_config=hf_config, progress=progress, hf_names=_layer_hf_name(net.spec),
+        blocks, calibration, method, target, run.method_options, engine,
+        hf_config=checkpoint.config, progress=progress, hf_names=_layer_hf_name(checkpoint.spec),
     )  # fmt: skip
     prune_seconds = time.perf_counter() - prune_started
-    after = _perplexities(outcome.model, evaluations, batch, "pruned", progress)
+    if writer:
+        _write_checkpoint(staging, checkpoint, outcome, config.model.path)
+    _barrier("jprune: checkpoint written")
+    pruned = Checkpoint(staging.path)
+    after = _perplexities(pruned, evaluations, batch, "pruned", progress)
     eval_len = config.evaluation.seqlen or config.calibration.seqlen
     report = {
         "model": config.model.path,
@@ -144,28 +254,20 @@ def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
         "scope": None if method.structured or isinstance(target, NM) else target.scope,
         "config": config.to_dict(),
         "perplexity": {
-            name: {"before": before[name], "after": after[name], "seqlen": eval_len}
+            name: {"before": before.get(name), "after": after[name], "seqlen": eval_len}
             for name in evaluations
         },
         "summary": summarize(outcome.records),
-        "parameters": parameter_count(outcome.model),
-        "parameters_before": parameters_before,
+        "parameters": pruned.parameter_count,
+        "parameters_before": checkpoint.parameter_count,
         "prune_seconds": prune_seconds,
+        "resumed_from_block": staging.resumed_from,
         "machine": _machine(engine),
         "layers": outcome.records,
-        "wall_seconds": time.perf_counter() - started,
     }
-    if config.output.out is not None and jax.process_index() == 0:
-        save_model(
-            outcome.model,
-            hf_config,
-            config.output.out,
-            source=config.model.path,
-            force=config.output.force,
-            config_updates=outcome.config_updates,
-            extra_files={
-                **outcome.extra_files,
-                "report.json": json.dumps(report, indent=2) + "\n",
-            },
-        )
+    report["memory"] = _memory_report(outcome, baseline, evaluations)
+    report["wall_seconds"] = time.perf_counter() - started
+    if config.output.out is not None and writer:
+        (staging.path / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        staging.commit(config.output.out)
     return report

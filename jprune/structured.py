@@ -428,16 +428,14 @@ class ChannelProgram:
             updates, coupling.name, coupling.consumer, new_W2, W2, info, channels=channels
         )
 
-    def finish(self, model, hf_config, options):
-        """The smaller model (its spec's widest MLP) and the config changes of the export."""
-        from jprune.model import CausalLM, named_arrays
-
-        spec = model.spec
-        widths = [block.down.weight[...].shape[1] for block in model.layers]
-        v_heads = [block.v.weight[...].shape[0] // spec.num_kv_heads for block in model.layers]
+    def finish(self, spec, shapes, hf_config, options):
+        """The pruned model's spec (its widest MLP) and the config changes of the export."""
+        layers = range(spec.num_layers)
+        widths = [shapes[f"layers.{i}.down.weight"][1] for i in layers]
+        v_heads = [shapes[f"layers.{i}.v.weight"][0] // spec.num_kv_heads for i in layers]
         new_spec = dataclasses.replace(spec, intermediate_size=max(widths))
         updates, files = export_config(spec, hf_config, widths, v_heads)
-        return CausalLM(new_spec, named_arrays(model)), updates, files
+        return new_spec, updates, files
 
 
 def _consumer_bias(spec, coupling: Coupling) -> bool:

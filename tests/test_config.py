@@ -7,12 +7,12 @@ import json
 import time
 
 import pytest
-from safetensors.numpy import load_file
 
 import jprune.converters.hf as hf
 import jprune.prune
 from jprune.cli import main
 from jprune.config import PruneConfig, read_config, resolve
+from jprune.converters.hf import read_tensors
 from jprune.errors import JpruneError
 
 from conftest import CALIB_TEXT, STORIES260K
@@ -33,7 +33,7 @@ def no_model_work(monkeypatch):
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(hf, "load_model", refuse)
-    monkeypatch.setattr(jprune.prune, "load_model", refuse)
+    monkeypatch.setattr(jprune.prune, "Checkpoint", refuse)
 
 
 MISTAKES = [
@@ -138,7 +138,7 @@ def test_resolved_configuration_holds_every_option():
 
 
 def _checkpoint(directory):
-    return load_file(directory / "model.safetensors")
+    return read_tensors(directory)
 
 
 def test_recipe_and_report_replay_give_the_command_lines_checkpoint(assets, tmp_path, capsys):

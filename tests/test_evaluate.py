@@ -2,15 +2,18 @@
 
 import random
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from jprune.converters.hf import load_model
+from jprune import evaluate
+from jprune.converters.hf import Checkpoint, load_model
 from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
 from jprune.errors import JpruneError
 from jprune.evaluate import perplexity
+from jprune.model import logits as jprune_logits
 
 from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K
 
@@ -74,12 +77,34 @@ def test_batch_size_not_dividing_window_count_changes_nothing(zoo):
     one = perplexity(model, windows, batch_size=1)
     done = []
     three = perplexity(model, windows, batch_size=3, progress=done.append)
-    assert done == [3, 3, 1]
+    assert done == [1] * model.spec.num_layers  # one call per block
     assert three.perplexity == pytest.approx(one.perplexity, rel=1e-6)
     assert perplexity(model, windows, batch_size=100).perplexity == pytest.approx(
         one.perplexity, rel=1e-6
     )
     assert (three.windows, three.tokens) == (7, 7 * 63)
+
+
+def _whole_model_perplexity(model, windows: np.ndarray) -> float:
+    """The previous path: the whole model at once, full (windows, seqlen, vocab) logits."""
+    logits = np.asarray(jprune_logits(model, jnp.asarray(windows)), dtype=np.float64)[:, :-1]
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, windows[:, 1:, None], axis=-1)
+    return float(np.exp(-picked.mean()))
+
+
+@pytest.mark.parametrize("arch", ["llama3-gqa", "opt-project"])
+def test_streamed_perplexity_equals_the_whole_model_at_once(zoo, arch, monkeypatch):
+    """A checkpoint read a block at a time, the head's logits formed a few tokens at a time
+    (chunks that do not divide the token count), gives the whole-model perplexity."""
+    model, config = load_model(zoo[arch])
+    windows = np.random.default_rng(5).integers(0, config["vocab_size"], (5, 48)).astype(np.int32)
+    reference = _whole_model_perplexity(model, windows)
+    monkeypatch.setattr(evaluate, "LOGITS_CHUNK_BYTES", 4 * config["vocab_size"] * 37)
+    streamed = perplexity(Checkpoint(zoo[arch]), windows, batch_size=2)
+    assert streamed.perplexity == pytest.approx(reference, rel=1e-6)
+    assert perplexity(model, windows, batch_size=2).perplexity == streamed.perplexity
 
 
 def test_perplexity_refuses_bad_arguments(zoo):

@@ -250,9 +250,9 @@ def mesh_runs(assets, tmp_path_factory):
 
 
 def _weights(directory):
-    from safetensors.numpy import load_file
+    from jprune.converters.hf import read_tensors
 
-    return load_file(directory / "model.safetensors")
+    return read_tensors(directory)
 
 
 @pytest.mark.parametrize("name", ALL)

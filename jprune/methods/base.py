@@ -8,9 +8,10 @@ A method is a ``Method`` record: its name, its options dataclass (``jprune.optio
   linear input ("tap"), which statistics it needs (``STATISTICS``);
 * ``solve(unit, context)``: the unit's new parameters (shapes may shrink: structured methods
   remove channels) and what to record about it (``UnitResult``);
-* ``check(spec, arrays, target, options, hf_config)``: refuse, before any work, a target the
-  model cannot take;
-* ``finish(model, hf_config)``: the model and config changes the export needs.
+* ``check(spec, shapes, target, options, hf_config)``: refuse, before any work, a target the
+  model cannot take (``shapes``: canonical parameter name -> anything with a ``.shape``);
+* ``finish(spec, shapes, hf_config, options)``: from the final parameter shapes, the pruned
+  model's spec and the config changes (and extra files) the export needs.
 
 The engine owns everything else (the block loop, the calibration streams, Gram accumulation,
 placement on the mesh, the reproducible mode, memory accounting, progress, the per-layer
@@ -32,7 +33,7 @@ computes it for the report.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -132,7 +133,9 @@ class BlockProgram(Protocol):
 
     def check(self, spec, arrays, target, options, hf_config) -> None: ...
 
-    def finish(self, model, hf_config, options) -> tuple[Any, dict[str, Any], dict[str, str]]: ...
+    def finish(
+        self, spec, shapes: Mapping[str, Sequence[int]], hf_config, options
+    ) -> tuple[Any, dict[str, Any], dict[str, str]]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +233,8 @@ class LinearProgram:
                 except ValueError as err:
                     raise JpruneError(f"{err} of {role} in block {i}") from None
 
-    def finish(self, model, hf_config, options):
-        return model, {}, {}
+    def finish(self, spec, shapes, hf_config, options):
+        return spec, {}, {}
 
 
 METHODS: dict[str, Method] = {}
