@@ -200,7 +200,8 @@ def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
     baseline = memory.current()  # the runtime and tokenizer, before any weights
     writer = jax.process_index() == 0
     staging = _open_staging(run, writer)
-    _barrier("jprune: staging checked")
+    _barrier("jprune: staging checked")  # by every process, before process 0 changes it
+    staging.create()
     try:
         return _prune_into(
             run,
@@ -267,6 +268,7 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
     }
     report["memory"] = _memory_report(outcome, baseline, evaluations)
     report["wall_seconds"] = time.perf_counter() - started
+    _barrier("jprune: evaluated")  # the other processes read the staging directory until here
     if config.output.out is not None and writer:
         (staging.path / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         staging.commit(config.output.out)

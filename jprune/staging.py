@@ -125,6 +125,7 @@ class Staging:
         self.writer = writer
         self.journal = journal  # False: a throw-away directory, no resume state kept
         self.resumed_from: int | None = None
+        self._identity: dict[str, Any] | None = None
 
     @classmethod
     def open(
@@ -136,10 +137,8 @@ class Staging:
         force: bool,
         writer: bool = True,
     ) -> Staging:
-        """Check ``out`` and its staging directory; create it or take it over for ``resume``.
-
-        Nothing is changed before every check passed.
-        """
+        """Check ``out`` and its staging directory (changing nothing); ``create`` then starts
+        it, unless this run resumes it."""
         out = Path(out)
         path = staging_path(out)
         if out.exists() and not force:
@@ -164,15 +163,20 @@ class Staging:
                     raise JpruneError(f"cannot resume the run in {str(path)!r}: {difference}")
                 staging.resumed_from = staging.progress().get("blocks_done", 0)
                 return staging
-            if writer:
-                shutil.rmtree(path)
-        if writer:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
-            _write_json(partial / MANIFEST, dict(identity))
-            _write_json(partial / PROGRESS, {"blocks_done": 0})
-            partial.rename(path)
+        staging._identity = dict(identity)  # created by ``create`` once every process checked
         return staging
+
+    def create(self) -> None:
+        """Start the directory afresh (discarding a stale one), unless resuming one."""
+        if self._identity is None or not self.writer:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        out_name = self.path.name.removeprefix(".").removesuffix(".partial")
+        partial = Path(tempfile.mkdtemp(prefix=f".{out_name}.new-", dir=self.path.parent))
+        _write_json(partial / MANIFEST, self._identity)
+        _write_json(partial / PROGRESS, {"blocks_done": 0})
+        partial.rename(self.path)
 
     # ------------------------------------------------------------ progress
 
