@@ -57,16 +57,6 @@ def _prune_command(model, out, *extra):
     ]  # fmt: skip
 
 
-def _run_measured(command) -> tuple[int, str]:
-    """Run ``command``; its exit code and peak resident memory as the kernel counted it."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    stderr = process.stderr.read()
-    process.stdout.close(), process.stderr.close()
-    assert os.waitstatus_to_exitcode(status) == 0, stderr
-    return usage.ru_maxrss * 1024, stderr
-
-
 def _assert_half_of_every_row(path, blocks):
     import torch
     from transformers import AutoModelForCausalLM
@@ -87,10 +77,11 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     them at least once: loading both models whole grew the peak by 1.8x those bytes, and
     passed the 1.3x check); block-to-block allocator noise is about +-30 MB here.
 
-    The peak is report.json's: the kernel's high-water mark, which the engine restarts per
-    block for the per-block figures, folded over those restarts (so the kernel's own
-    ``ru_maxrss`` at exit, a peak since the last restart, can only be lower)."""
-    peaks, reports, sizes = {}, {}, {}
+    The peak is report.json's: the kernel's high-water mark (``VmHWM``), which the engine
+    restarts per block for the per-block figures, folded over those restarts. (``wait4``'s
+    ``ru_maxrss`` is no check of it: Linux carries the forking parent's peak across exec, so
+    under a large pytest process it reports that process's size.)"""
+    reports, sizes = {}, {}
     for layers in (4, 16):
         model = _llama(tmp_path / f"llama{layers}", layers, 512, 2048, "bfloat16")
         sizes[layers] = sum(os.path.getsize(p) for p in model.glob("*.safetensors"))
@@ -99,7 +90,8 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
             model, out, "--method", "sparsegpt", "--sparsity", "0.5",
             "--nsamples", "4", "--seqlen", "64",
         )  # fmt: skip
-        peaks[layers], _ = _run_measured(command)
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
         reports[layers] = json.loads((out / "report.json").read_text())
         _assert_half_of_every_row(out, layers)
         assert {str(w.dtype) for w in read_tensors(out).values()} == {"bfloat16"}
@@ -112,7 +104,6 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
         usage = report["memory"]
         assert len(usage["blocks"]) == layers
         assert max(b["peak_rss_bytes"] for b in usage["blocks"]) <= usage["peak_rss_bytes"]
-        assert 0.5 * usage["peak_rss_bytes"] < peaks[layers] <= usage["peak_rss_bytes"]
     # the stated bound counts one block, not the model
     assert reports[16]["memory"]["bound_bytes"] == reports[4]["memory"]["bound_bytes"]
 
