@@ -1,6 +1,8 @@
 import math
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,30 @@ EVAL_TEXT = ASSETS / "text" / "tinystories_eval.txt"
 WIKITEXT = ASSETS / "text" / "wikitext2_raw_test.txt"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# On CPU this suite's time is mostly XLA compilation (a first stories260K prune is ~90% of it),
+# and its subprocesses (the CLI runs, the multi-device checks) compile programs this process or
+# an earlier subprocess already compiled. One persistent compilation cache per session shares
+# them: a hit loads the very executable a compile would build, so no check changes. Set before
+# JAX is imported; subprocesses inherit it. Set JAX_COMPILATION_CACHE_DIR to keep one across runs.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="jprune-test-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+# Where the engine or a contract is under test, not a method's quality: the optimization
+# methods' cheapest settings (the suite's time budget).
+CHEAP_OPTIONS = {
+    "fista": {"num_bisect": 4, "maxiter": 10, "pursuit_steps": 2, "pursuit_cg": 8},
+    "spap": {"num_stages": 10, "max_swaps": 5},
+    "optima": {"maxiter": 16},
+}
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -27,7 +27,7 @@ from jprune.options import _hints
 from jprune.solvers import NM, Unstructured
 from jprune.structured import Channels, num_removed
 
-from conftest import CALIB_TEXT, ROOT, STORIES260K, run_on_eight_devices
+from conftest import CALIB_TEXT, CHEAP_OPTIONS, ROOT, STORIES260K, run_on_eight_devices
 
 # The prototyping example registers its method on import: it gets every check below.
 sys.path.insert(0, str(ROOT / "examples"))
@@ -48,13 +48,6 @@ def stories(assets):
 
 
 _FIRST_RUNS: dict = {}
-# The contract is about targets, determinism and the engine, not quality: the optimization
-# methods run with their cheapest settings (the suite's time budget).
-CHEAP = {
-    "fista": {"num_bisect": 4, "maxiter": 10, "pursuit_steps": 2, "pursuit_cg": 8},
-    "spap": {"num_stages": 10, "max_swaps": 5},
-    "optima": {"maxiter": 16},
-}
 
 
 def run(stories, name, target, **options):
@@ -67,7 +60,8 @@ def run(stories, name, target, **options):
         ids,
         method,
         target,
-        method.parse_options({**CHEAP.get(name, {}), **options}),
+        # targets, determinism and the engine are under test, not quality: cheapest settings
+        method.parse_options({**CHEAP_OPTIONS.get(name, {}), **options}),
         EngineOptions(intra_block=method.intra_block),
         hf_config=config,
     )
@@ -82,11 +76,32 @@ def _linears(model, roles=("q", "k", "v", "o", "gate", "up", "down")):
             yield f"layers.{i}.{role}", np.asarray(arrays[f"layers.{i}.{role}.weight"])
 
 
-TARGETS = [Unstructured(0.5), Unstructured(0.5, "matrix"), NM(2, 4)]
+# Through the engine, a covering set of methods x targets rather than all of them (each pair
+# compiles its own solvers). Every method meets every pattern at the layer level already
+# (test_methods_baselines, test_methods_optimization: exact counts over 5-7 patterns each, and
+# the example's mask is wanda's ``keep_mask``). Here every method runs the per-row target (its
+# determinism check below reuses the run) and one other, and each other target runs three
+# methods, fista's intra-block stages and the one-pass engine among them. A method not listed
+# (a new one) runs every target.
+MATRIX, TWO_FOUR = Unstructured(0.5, "matrix"), NM(2, 4)
+OTHER_TARGETS = {
+    "magnitude": (MATRIX,),
+    "fista": (MATRIX,),
+    "optima": (MATRIX,),
+    "wanda": (TWO_FOUR,),
+    "sparsegpt": (TWO_FOUR,),
+    "wanda-ridge": (TWO_FOUR,),
+}
+EXACT_TARGETS = [
+    (name, target)
+    for name in LAYER_METHODS
+    for target in (Unstructured(0.5), *OTHER_TARGETS.get(name, (MATRIX, TWO_FOUR)))
+]
 
 
-@pytest.mark.parametrize("target", TARGETS, ids=str)
-@pytest.mark.parametrize("name", LAYER_METHODS)
+@pytest.mark.parametrize(
+    ("name", "target"), EXACT_TARGETS, ids=[f"{n}-{t}" for n, t in EXACT_TARGETS]
+)
 def test_exact_target(stories, name, target):
     model = run(stories, name, target).model
     for layer, weight in _linears(model):
@@ -211,23 +226,21 @@ MESH_SCRIPT = textwrap.dedent(
     from jprune.methods import METHODS
 
     model_dir, calib, out = sys.argv[1:4]
+    options = json.loads(sys.argv[5])
     assert jax.device_count() == 8, jax.devices()
-    small = dict(calib=calib, nsamples=4, seqlen=32, evaluate_dense=False)
-    # The engine on a mesh is under test, not the methods' quality: their cheapest settings.
-    cheap = {"fista": {"num_bisect": 4, "maxiter": 10, "pursuit_steps": 2, "pursuit_cg": 8},
-             "spap": {"num_stages": 10, "max_swaps": 5}, "optima": {"maxiter": 16}}
+    small = dict(calib=calib, nsamples=8, seqlen=64, evaluate_dense=False)
 
     def prune(name, label, **settings):
         target = {"sparsity": 0.25} if METHODS[name].structured else {"sparsity": 0.5}
         config = PruneConfig.of(model_dir, name, **target, **small, out=f"{out}/{name}-{label}",
-                                method_options=cheap.get(name, {}), **settings)
+                                method_options=options.get(name, {}), **settings)
         return jp.prune(config)["layers"]
 
     records = {}
     for name in sorted(METHODS):
         # The reproducible mode: the same program on the same shapes on 1 and 2 devices.
-        prune(name, "one", row_blocks=2)
-        prune(name, "mesh2", row_blocks=2, mesh=2)
+        prune(name, "one", row_blocks=8)
+        prune(name, "mesh2", row_blocks=8, mesh=2)
     for name in ("fasp", "spap"):
         # The default mode: data-parallel Grams on 2 devices, and activations on the host.
         records[name] = {
@@ -240,12 +253,25 @@ MESH_SCRIPT = textwrap.dedent(
 )
 
 
+# The engine on a mesh is under test, not the methods' quality: spap runs its cheapest
+# settings. sparsegpt, optima and fista run test_sharding's settings (their defaults, 8 windows
+# of 64, row_blocks=8): their runs here then load that test's programs from the session's
+# compilation cache, or leave it theirs (the defaults cost seconds more to run, not to compile).
+MESH_OPTIONS = {"spap": CHEAP_OPTIONS["spap"]}
+
+
 @pytest.fixture(scope="module")
 def mesh_runs(assets, tmp_path_factory):
     """One subprocess with 8 virtual CPU devices runs every method on 1 and 2 devices."""
     root = tmp_path_factory.mktemp("mesh")
     return root, run_on_eight_devices(
-        root, MESH_SCRIPT, STORIES260K, CALIB_TEXT, root, ROOT / "examples"
+        root,
+        MESH_SCRIPT,
+        STORIES260K,
+        CALIB_TEXT,
+        root,
+        ROOT / "examples",
+        json.dumps(MESH_OPTIONS),
     )
 
 
