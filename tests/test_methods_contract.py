@@ -170,7 +170,8 @@ def test_eager_equals_jit(name):
     weight = rng.standard_normal((6, 16)).astype(np.float32)
     problem = LayerProblem(jnp.asarray(weight), jnp.asarray(x @ x.T), None, 200, "eager")
     method = METHODS[name]
-    options = {"blocksize": 8} if name == "sparsegpt" else {}
+    # eager runs every solver iteration op by op in Python: the cheapest settings, the same code
+    options = {"blocksize": 8} if name == "sparsegpt" else CHEAP_OPTIONS.get(name, {})
     jitted = np.asarray(method(problem, NM(2, 4), **options).weight)
     with jax.disable_jit():
         eager = np.asarray(method(problem, NM(2, 4), **options).weight)
