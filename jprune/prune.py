@@ -28,6 +28,7 @@ from jprune.converters.hf import (
     Checkpoint,
     dtype_name,
     export_config,
+    fused_groups,
     hf_name_map,
     write_metadata,
 )
@@ -45,8 +46,16 @@ __all__ = ["JpruneError", "PruneConfig", "Run", "prune", "resolve"]
 
 
 def _layer_hf_name(spec) -> Callable[[str], str]:
+    """Canonical layer -> the HF name shown for it (``qkv_proj[q]`` inside a fused tensor)."""
     names = hf_name_map(spec)
-    return lambda canonical: names[f"{canonical}.weight"].removesuffix(".weight")
+    fused = fused_groups(names)
+
+    def shown(canonical: str) -> str:
+        theirs = names[f"{canonical}.weight"]
+        role = f"[{canonical.rsplit('.', 1)[-1]}]" if theirs in fused else ""
+        return theirs.removesuffix(".weight") + role
+
+    return shown
 
 
 def prune(config: PruneConfig | Run, progress: ProgressFn | None = None) -> dict[str, Any]:

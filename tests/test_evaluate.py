@@ -60,7 +60,9 @@ def test_stories260k_perplexity_matches_transformers(stories):
     assert np.exp(ours.mean_nll) == pytest.approx(ours.perplexity, rel=1e-12)
 
 
-@pytest.mark.parametrize("arch", ["opt-project", "llama3-gqa"])
+@pytest.mark.parametrize(
+    "arch", ["opt-project", "llama3-gqa", "qwen3", "mistral", "gemma2", "gemma3", "phi3"]
+)
 def test_zoo_perplexity_matches_transformers(zoo, arch):
     model, config = load_model(zoo[arch])
     windows = np.random.default_rng(3).integers(0, config["vocab_size"], (5, 200)).astype(np.int32)
