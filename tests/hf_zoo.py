@@ -101,7 +101,10 @@ def _configs():
         "mistral": (
             MistralForCausalLM,
             MistralConfig(
-                **_LLAMA_BASE, num_key_value_heads=2, sliding_window=WINDOW, tie_word_embeddings=False
+                **_LLAMA_BASE,
+                num_key_value_heads=2,
+                sliding_window=WINDOW,
+                tie_word_embeddings=False,
             ),
         ),
         # sliding then full layer, soft-capped scores and logits, query_pre_attn_scalar

@@ -17,12 +17,12 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-import hf_zoo
 from jprune.converters.hf import TOKENIZER_FILES, Checkpoint, load_model
 from jprune.converters.spec import UnsupportedModelError, spec_from_hf_config
 from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
 from jprune.model import logits
 
+import hf_zoo
 from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K, prune_with
 
 FAMILIES = ("qwen3", "mistral", "gemma2", "gemma3", "phi3")
@@ -323,11 +323,13 @@ CHEAP_FISTA = {"num_bisect": 4, "maxiter": 10, "pursuit_steps": 2, "pursuit_cg":
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory, assets):
     """The zoo families with stories260K's 512-token vocabulary and its tokenizer, so real
-    TinyStories text calibrates and evaluates them; and a short evaluation text."""
+    TinyStories text calibrates and evaluates them; and a short evaluation text. One head
+    width for all (the zoo's parity models cover explicit head_dim): every family's linears
+    then have the same shapes, so the solvers compile once for all of them."""
     root = tmp_path_factory.mktemp("families")
     models = {}
     for family in FAMILIES:
-        directory = hf_zoo.build(family, root / family, vocab_size=512)
+        directory = hf_zoo.build(family, root / family, vocab_size=512, head_dim=8)
         for name in TOKENIZER_FILES:
             if (STORIES260K / name).is_file():
                 shutil.copy(STORIES260K / name, directory / name)
