@@ -9,6 +9,7 @@ never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -119,7 +120,34 @@ _OPT_NAMES = {
         for kind in ("weight", "bias")
     },
 }
+# Mixtures of experts. The hub stores one tensor per expert (Mixtral under block_sparse_moe,
+# with w1 = gate, w3 = up, w2 = down); transformers 5 stacks the experts: gate_up_proj
+# (experts, 2 x width, hidden) with gate rows first, and down_proj (experts, hidden, width).
+_QWEN3_MOE_NAMES = {
+    **_LLAMA_NAMES,
+    "layers.{i}.router.weight": "model.layers.{i}.mlp.gate.weight",
+    **{
+        f"layers.{{i}}.experts.{{e}}.{r}.weight": f"model.layers.{{i}}.mlp.experts.{{e}}.{r}_proj.weight"
+        for r in ("gate", "up", "down")
+    },
+}
+_MIXTRAL_NAMES = {
+    **_LLAMA_NAMES,
+    "layers.{i}.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+    **{
+        f"layers.{{i}}.experts.{{e}}.{r}.weight": f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{w}.weight"
+        for r, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
+    },
+}
+_STACKED_EXPERT_NAMES = {
+    "layers.{i}.router.weight": "model.layers.{i}.mlp.gate.weight",
+    "layers.{i}.experts.{e}.gate.weight": "model.layers.{i}.mlp.experts.gate_up_proj",
+    "layers.{i}.experts.{e}.up.weight": "model.layers.{i}.mlp.experts.gate_up_proj",
+    "layers.{i}.experts.{e}.down.weight": "model.layers.{i}.mlp.experts.down_proj",
+}
 _NAME_TABLES = {
+    "qwen3_moe": _QWEN3_MOE_NAMES,
+    "mixtral": _MIXTRAL_NAMES,
     "llama": _LLAMA_NAMES,
     "qwen2": _LLAMA_NAMES,
     "qwen3": _LLAMA_NAMES,
@@ -136,6 +164,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def hf_name_map(spec: ModelSpec) -> dict[str, str]:
     """Canonical name -> HF name for every tensor this spec's model holds."""
     table = _NAME_TABLES[spec.family]
+    if spec.num_experts and spec.expert_layout == "fused":
+        table = {**table, **_STACKED_EXPERT_NAMES}
     names = ["embed.weight"]
     if spec.rope is None:
         names.append("pos_embed.weight")
@@ -152,6 +182,9 @@ def hf_name_map(spec: ModelSpec) -> dict[str, str]:
     layer_names = [f"layers.{{i}}.{n}.{k}" for n in per_layer for k in norm_kinds]
     biases = {"q": spec.qkv_bias, "k": spec.qkv_bias, "v": spec.qkv_bias, "o": spec.o_bias}
     mlp_roles = ("gate", "up", "down") if spec.gated_mlp else ("up", "down")
+    if spec.num_experts:
+        layer_names.append("layers.{i}.router.weight")
+        mlp_roles = tuple(f"experts.{e}.{r}" for e in range(spec.num_experts) for r in mlp_roles)
     biases |= dict.fromkeys(mlp_roles, spec.mlp_bias)
     for role, has_bias in biases.items():
         layer_names.append(f"layers.{{i}}.{role}.weight")
@@ -164,15 +197,31 @@ def hf_name_map(spec: ModelSpec) -> dict[str, str]:
 
 def _hf_for(table: Mapping[str, str], canonical: str) -> str:
     parts = canonical.split(".")
-    if parts[0] == "layers":
-        template = ".".join(["layers", "{i}", *parts[2:]])
-        return table[template].replace("{i}", parts[1])
-    return table[canonical]
+    if parts[0] != "layers":
+        return table[canonical]
+    if parts[2] == "experts":
+        template = ".".join(["layers", "{i}", "experts", "{e}", *parts[4:]])
+        return table[template].replace("{i}", parts[1]).replace("{e}", parts[3])
+    template = ".".join(["layers", "{i}", *parts[2:]])
+    return table[template].replace("{i}", parts[1])
+
+
+def _expert_of(canonical: str) -> int | None:
+    parts = canonical.split(".")
+    return int(parts[3]) if len(parts) > 4 and parts[2] == "experts" else None
+
+
+def _by_expert(names: list[str]) -> dict[int | None, list[str]]:
+    groups: dict[int | None, list[str]] = {}
+    for name in names:
+        groups.setdefault(_expert_of(name), []).append(name)
+    return groups
 
 
 def fused_groups(name_map: Mapping[str, str]) -> dict[str, list[str]]:
-    """HF name -> the canonical names stacked in it (row blocks in this order), for the HF
-    tensors that hold several of jprune's (Phi-3's ``qkv_proj`` and ``gate_up_proj``)."""
+    """HF name -> the canonical names stacked in it (row blocks in this order, experts along a
+    leading axis), for the HF tensors that hold several of jprune's (Phi-3's ``qkv_proj`` and
+    ``gate_up_proj``, transformers 5's stacked experts)."""
     groups: dict[str, list[str]] = {}
     for ours, theirs in name_map.items():
         groups.setdefault(theirs, []).append(ours)
@@ -187,6 +236,8 @@ def _row_splits(spec: ModelSpec, names: list[str], rows: int) -> list[int]:
         splits = [q, k, rows - q - k]
     elif roles == ["gate", "up"]:
         splits = [rows // 2, rows - rows // 2]
+    elif len(roles) == 1:
+        splits = [rows]
     else:  # pragma: no cover - the name tables fuse only these two groups
         raise UnsupportedModelError(f"no row split is known for the fused {roles}")
     if min(splits) <= 0 or (roles == ["gate", "up"] and rows % 2):
@@ -196,16 +247,25 @@ def _row_splits(spec: ModelSpec, names: list[str], rows: int) -> list[int]:
 
 def fused_slices(
     spec: ModelSpec, name_map: Mapping[str, str], stored_shapes: Mapping[str, Any]
-) -> dict[str, tuple[int, int]]:
-    """Canonical name -> its (first, last + 1) rows in its fused HF tensor."""
+) -> dict[str, tuple]:
+    """Canonical name -> the index of its piece in its fused HF tensor: ``(rows,)``, or
+    ``(expert, rows)`` in a stacked-experts tensor."""
     slices = {}
     for theirs, names in fused_groups(name_map).items():
-        start = 0
-        for name, rows in zip(
-            names, _row_splits(spec, names, stored_shapes[theirs].shape[0]), strict=True
-        ):
-            slices[name] = (start, start + rows)
-            start += rows
+        shape = stored_shapes[theirs].shape
+        groups = _by_expert(names)
+        stacked = None not in groups
+        if stacked and (len(shape) != 3 or shape[0] != len(groups)):
+            raise CheckpointError(
+                f"{theirs!r} has shape {tuple(shape)}: expected {len(groups)} stacked experts"
+            )
+        for expert, members in groups.items():
+            start = 0
+            splits = _row_splits(spec, members, shape[1] if stacked else shape[0])
+            for name, rows in zip(members, splits, strict=True):
+                piece = slice(start, start + rows)
+                slices[name] = (expert, piece) if stacked else (piece,)
+                start += rows
     return slices
 
 
@@ -218,8 +278,22 @@ def hf_tensors(name_map: Mapping[str, str], arrays: Mapping[str, Any]) -> dict[s
         if theirs not in groups:
             tensors[theirs] = np.ascontiguousarray(array)
         elif theirs not in tensors:
-            tensors[theirs] = np.concatenate([np.asarray(arrays[n]) for n in groups[theirs]])
+            parts = {
+                expert: np.concatenate([np.asarray(arrays[n]) for n in members])
+                for expert, members in _by_expert(groups[theirs]).items()
+            }
+            tensors[theirs] = parts[None] if None in parts else np.stack(list(parts.values()))
     return tensors
+
+
+def _expert_layout(spec: ModelSpec, stored) -> ModelSpec:
+    """The spec with the expert layout the stored tensor names use."""
+    if not spec.num_experts:
+        return spec
+    stacked = hf_name_map(dataclasses.replace(spec, expert_layout="fused"))
+    if stacked["layers.0.experts.0.gate.weight"] in stored:
+        return dataclasses.replace(spec, expert_layout="fused")
+    return dataclasses.replace(spec, expert_layout="per_expert")
 
 
 # ---------------------------------------------------------------- reading
@@ -378,14 +452,14 @@ class Checkpoint:
             stored = {}
             for file in sorted(files):
                 stored |= _safetensors_shapes(self.path / file)
+        self.spec = _expert_layout(self.spec, stored)
         self.name_map = _check_names(self.spec, stored)
         self._slices = fused_slices(self.spec, self.name_map, stored)
         self.shapes = {}
         for ours, theirs in self.name_map.items():
             shape = stored[theirs].shape
             if ours in self._slices:
-                first, stop = self._slices[ours]
-                shape = (stop - first, *shape[1:])
+                shape = jax.eval_shape(lambda a, i=self._slices[ours]: a[i], stored[theirs]).shape
             self.shapes[ours] = jax.ShapeDtypeStruct(shape, self.dtype or stored[theirs].dtype)
         _check_widths(self.config, self.spec, self.shapes)
 
@@ -406,8 +480,7 @@ class Checkpoint:
         for ours in names:
             array = tensors[self.name_map[ours]]
             if ours in self._slices:
-                first, stop = self._slices[ours]
-                array = array[first:stop]
+                array = array[self._slices[ours]]
             out[ours] = array
         if self.dtype is not None:
             out = {k: v.astype(self.dtype) for k, v in out.items()}
@@ -447,9 +520,10 @@ def load_model(path: str | os.PathLike, dtype: str | None = None):
 def _check_widths(config: Mapping[str, Any], spec: ModelSpec, arrays) -> None:
     """The MLP and value widths of the tensors are the ones the config declares, per layer."""
     widths = layer_widths(config, spec)
+    mlp = "experts.0.down" if spec.num_experts else "down"
     for i in range(spec.num_layers):
         found = {
-            "intermediate": arrays[f"layers.{i}.down.weight"].shape[1],
+            "intermediate": arrays[f"layers.{i}.{mlp}.weight"].shape[1],
             "v_head": arrays[f"layers.{i}.v.weight"].shape[0] // spec.num_kv_heads,
         }
         for key, width in found.items():

@@ -32,9 +32,21 @@ LINEAR_INPUTS = {
 
 
 def block_linear_names(spec: ModelSpec) -> tuple[str, ...]:
-    """The prunable linears of a block, in forward order."""
+    """The prunable linears of a block, in forward order (every expert's, in a mixture of
+    experts: ``experts.{e}.gate``; the router stays dense)."""
     mlp = ("gate", "up", "down") if spec.gated_mlp else ("up", "down")
+    if spec.num_experts:
+        mlp = tuple(f"experts.{e}.{r}" for e in range(spec.num_experts) for r in mlp)
     return ("q", "k", "v", "o", *mlp)
+
+
+def linear_input(role: str) -> str:
+    """The tap that feeds linear ``role``: expert ``e``'s linears read ``experts.{e}.mlp_in`` /
+    ``experts.{e}.down_in``, the tokens routed to it (zero rows for the others)."""
+    if role.startswith("experts."):
+        _, expert, name = role.split(".")
+        return f"experts.{expert}.{LINEAR_INPUTS[name]}"
+    return LINEAR_INPUTS[role]
 
 
 class UnsupportedModelError(JpruneError):
@@ -77,7 +89,18 @@ class RopeSpec:
         return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-Family = Literal["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "opt"]
+Family = Literal[
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "mistral",
+    "mixtral",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "opt",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +138,16 @@ class ModelSpec:
     # Per layer: the sliding-window width (a query sees the last `window` keys) or None (all).
     layer_windows: tuple[int | None, ...] = ()
     local_rope: RopeSpec | None = None  # Gemma 3: the RoPE of sliding-window layers
+    # Mixture of experts (Qwen3-MoE, Mixtral): every block's MLP is `num_experts` gated MLPs
+    # of width `intermediate_size`, each token sent to the `experts_per_token` with the highest
+    # router softmax, their outputs summed with those probabilities (renormalised over the
+    # chosen ones when `normalize_routing`).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    normalize_routing: bool = False
+    # How the checkpoint stores experts: transformers 5's stacked tensors (`fused`) or the
+    # hub's one tensor per expert (`per_expert`); a pruned checkpoint is written the same way.
+    expert_layout: Literal["fused", "per_expert"] = "fused"
 
     @property
     def has_projections(self) -> bool:
@@ -231,12 +264,31 @@ _GEMMA_FIELDS = (_COMMON_DECODER_FIELDS - {"hidden_act"}) | {
     "attn_logit_softcapping",
     "use_bidirectional_attention",
 }
+# `output_router_logits` and `router_aux_loss_coef` only concern training.
+_MOE_FIELDS = {
+    "num_local_experts",
+    "num_experts_per_tok",
+    "output_router_logits",
+    "router_aux_loss_coef",
+}
 _QWEN_WINDOW_FIELDS = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
 _FAMILY_FIELDS = {
     "llama": _COMMON_DECODER_FIELDS | {"attention_bias", "mlp_bias", "pretraining_tp"},
     "qwen2": _COMMON_DECODER_FIELDS | _QWEN_WINDOW_FIELDS,
     "qwen3": _COMMON_DECODER_FIELDS | _QWEN_WINDOW_FIELDS | {"attention_bias"},
     "mistral": _COMMON_DECODER_FIELDS | {"sliding_window"},
+    "qwen3_moe": _COMMON_DECODER_FIELDS
+    | _QWEN_WINDOW_FIELDS
+    | _MOE_FIELDS
+    | {
+        "attention_bias",
+        "num_experts",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    },
+    "mixtral": _COMMON_DECODER_FIELDS | _MOE_FIELDS | {"sliding_window", "router_jitter_noise"},
     "gemma2": _GEMMA_FIELDS,
     "gemma3_text": _GEMMA_FIELDS
     | {"rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern"},
@@ -282,6 +334,8 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
@@ -421,21 +475,21 @@ def _default_layer_types(config: Mapping[str, Any], family: str, layers: int) ->
             config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6
         )
         return [_LAYER_TYPES[bool((i + 1) % pattern)] for i in range(layers)]
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         first_sliding = int(config.get("max_window_layers") or 0)
         return [_LAYER_TYPES[i >= first_sliding] for i in range(layers)]
-    # Mistral and Phi-3 slide every layer when they have a window.
+    # Mistral, Mixtral and Phi-3 slide every layer when they have a window.
     return [_LAYER_TYPES[1]] * layers
 
 
 def _layer_windows(config: Mapping[str, Any], family: str, layers: int) -> tuple[int | None, ...]:
     window = config.get("sliding_window")
-    if family in ("qwen2", "qwen3") and not config.get("use_sliding_window"):
+    if family in ("qwen2", "qwen3", "qwen3_moe") and not config.get("use_sliding_window"):
         window = None  # transformers drops the window unless use_sliding_window is set
     if family in _GEMMA and config.get("use_bidirectional_attention"):
         raise UnsupportedModelError("use_bidirectional_attention=true is not supported")
     types = config.get("layer_types")
-    if family in ("mistral", "phi3") or types is None:
+    if family in ("mistral", "mixtral", "phi3") or types is None:
         types = _default_layer_types(config, family, layers)
     if (
         not isinstance(types, list)
@@ -454,6 +508,38 @@ def _layer_windows(config: Mapping[str, Any], family: str, layers: int) -> tuple
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
+def _experts(config: Mapping[str, Any], family: str, layers: int) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Qwen3-MoE or Mixtral config (nothing otherwise)."""
+    if family not in ("qwen3_moe", "mixtral"):
+        return {}
+    experts = config.get("num_local_experts", config.get("num_experts"))
+    if experts is None:
+        raise UnsupportedModelError(f"{family} config is missing the field 'num_local_experts'")
+    chosen = int(_require(config, "num_experts_per_tok", family))
+    if not 0 < chosen <= int(experts):
+        raise UnsupportedModelError(
+            f"num_experts_per_tok={chosen} must be between 1 and the {experts} experts"
+        )
+    if family == "mixtral":
+        return {
+            "num_experts": int(experts),
+            "experts_per_token": chosen,
+            "normalize_routing": True,
+        }
+    # Qwen3-MoE can keep dense MLPs in some layers; jprune's blocks are all alike.
+    if config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1:
+        raise UnsupportedModelError(
+            "qwen3_moe with dense layers (mlp_only_layers / decoder_sparse_step != 1) is "
+            "not supported"
+        )
+    return {
+        "num_experts": int(experts),
+        "experts_per_token": chosen,
+        "normalize_routing": bool(config.get("norm_topk_prob", False)),
+        "intermediate_size": int(_require(config, "moe_intermediate_size", family)),
+    }
+
+
 def _rope_decoder_spec(config: Mapping[str, Any], family: str) -> ModelSpec:
     """LLaMA and the families built like it: pre-norm RMSNorm blocks, RoPE, a gated MLP."""
     hidden = int(_require(config, "hidden_size", family))
@@ -469,8 +555,12 @@ def _rope_decoder_spec(config: Mapping[str, Any], family: str) -> ModelSpec:
         mlp_bias = bool(config.get("mlp_bias", False))
     elif family == "qwen2":
         qkv_bias, o_bias = True, False
-    elif family in ("mistral", "phi3"):
+    elif family in ("mistral", "mixtral", "phi3"):
         qkv_bias = o_bias = False  # their attention ignores `attention_bias`
+    moe = _experts(config, family, layers)
+    intermediate = moe.pop("intermediate_size", None) or int(
+        _require(config, "intermediate_size", family)
+    )
     gemma = family in _GEMMA
     if gemma:
         act = config.get("hidden_activation") or config.get("hidden_act")
@@ -497,7 +587,8 @@ def _rope_decoder_spec(config: Mapping[str, Any], family: str) -> ModelSpec:
         family=family,  # type: ignore[arg-type]
         vocab_size=int(_require(config, "vocab_size", family)),
         hidden_size=hidden,
-        intermediate_size=int(_require(config, "intermediate_size", family)),
+        intermediate_size=intermediate,
+        **moe,
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(config.get("num_key_value_heads") or heads),
@@ -516,7 +607,7 @@ def _rope_decoder_spec(config: Mapping[str, Any], family: str) -> ModelSpec:
         rope=rope,
         embed_dim=hidden,
         norm_offset=1.0 if gemma else 0.0,
-        qk_norm=family in ("qwen3", "gemma3_text"),
+        qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"),
         output_norms=gemma,
         embed_scale=gemma,
         query_pre_attn_scalar=(

@@ -47,6 +47,7 @@ from jax.sharding import Mesh
 from jprune import memory
 from jprune.blocks import BlockState, InMemoryBlocks, as_blocks
 from jprune.config import check_engine_options
+from jprune.converters.spec import linear_input
 from jprune.errors import JpruneError
 from jprune.methods import LayerProblem, Method
 from jprune.methods.base import STATISTICS, UnitContext
@@ -397,9 +398,9 @@ def memory_bound(shapes: Mapping[str, Any], spec, stream_bytes: int, streams: in
             per_block[block] = per_block.get(block, 0) + int(np.prod(s.shape))
             if name.endswith(".weight") and len(s.shape) == 2:
                 largest = max(largest, int(np.prod(s.shape)))
-                role = name.split(".")[2]
-                if role in LINEAR_INPUTS:
-                    inputs.setdefault(block, {})[LINEAR_INPUTS[role]] = s.shape[1]
+                role = name.removeprefix(f"layers.{block}.").removesuffix(".weight")
+                if role.split(".")[-1] in LINEAR_INPUTS:
+                    inputs.setdefault(block, {})[linear_input(role)] = s.shape[1]
     total += 3 * 4 * max(per_block.values(), default=0)
     grams = max((sum(d * d for d in taps.values()) for taps in inputs.values()), default=0)
     total += 3 * 4 * grams + 6 * 4 * largest
@@ -430,13 +431,13 @@ def _flat_params(state) -> dict[str, jax.Array]:
 def _set_param(state, name: str, value: jax.Array) -> None:
     node = state
     for key in name.split("."):
-        node = node[key]
+        node = node[int(key) if key.isdigit() else key]  # list entries (experts) have int keys
     node.set_value(value)
 
 
 def _record(result, stats, seconds, name, block, held) -> dict[str, Any]:
     """The per-unit record every method gets (``channels`` is null unless structured)."""
-    tap = stats[LINEAR_INPUTS[result.linear]]
+    tap = stats[linear_input(result.linear)]
     cross = tap.get("cross") if "dense" in tap else None
     error, reference = reconstruction_error(
         result.weight, result.weight0, tap["gram"], cross, tap.get("dense", tap["gram"])

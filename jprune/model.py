@@ -9,6 +9,7 @@ Canonical parameter names (``converters.hf`` maps them to each family's HF names
     embed, pos_embed (OPT), project_in / project_out (OPT-350m style), final_norm, lm_head
     layers.{i}.{attn_norm, q, k, v, o, mlp_norm, gate (gated MLPs only), up, down}
     layers.{i}.{q_norm, k_norm} (Qwen3, Gemma 3), layers.{i}.{attn_out_norm, mlp_out_norm} (Gemma)
+    layers.{i}.router, layers.{i}.experts.{e}.{gate, up, down} (mixtures of experts)
 
 A decoder block is also a pure function, ``apply_block(graphdef, state, x)``, returning the
 block output and the inputs of its linears ("taps") — what the pruning engine calibrates on.
@@ -163,6 +164,24 @@ def causal_attention(
     return jnp.concatenate(outputs, axis=2).transpose(0, 2, 1, 3)
 
 
+class Expert(nnx.Module):
+    def __init__(self, arrays: Mapping[str, np.ndarray], prefix: str, spec: ModelSpec):
+        self.gate = Linear(arrays, f"{prefix}.gate", spec.mlp_bias)
+        self.up = Linear(arrays, f"{prefix}.up", spec.mlp_bias)
+        self.down = Linear(arrays, f"{prefix}.down", spec.mlp_bias)
+
+
+def routing_weights(logits: jax.Array, spec: ModelSpec) -> tuple[jax.Array, jax.Array]:
+    """(tokens, experts) router logits -> each token's weight for each expert (zero where the
+    expert is not among its ``experts_per_token`` best) and whether it was chosen."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    top, chosen = jax.lax.top_k(probs, spec.experts_per_token)
+    if spec.normalize_routing:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    picked = jax.nn.one_hot(chosen, spec.num_experts, dtype=probs.dtype)  # (..., k, experts)
+    return jnp.einsum("...k,...ke->...e", top, picked), jnp.sum(picked, axis=-2) > 0
+
+
 def _norm(arrays, name: str, spec: ModelSpec, present: bool = True) -> Norm | None:
     return Norm(arrays, name, spec.norm, spec.norm_eps, spec.norm_offset) if present else None
 
@@ -184,9 +203,15 @@ class Block(nnx.Module):
         self.o = Linear(arrays, f"{p}.o", spec.o_bias)
         self.attn_out_norm = _norm(arrays, f"{p}.attn_out_norm", spec, spec.output_norms)
         self.mlp_norm = _norm(arrays, f"{p}.mlp_norm", spec)
-        self.gate = Linear(arrays, f"{p}.gate", spec.mlp_bias) if spec.gated_mlp else None
-        self.up = Linear(arrays, f"{p}.up", spec.mlp_bias)
-        self.down = Linear(arrays, f"{p}.down", spec.mlp_bias)
+        if spec.num_experts:
+            self.router = Linear(arrays, f"{p}.router", False)
+            self.experts = nnx.List(
+                [Expert(arrays, f"{p}.experts.{e}", spec) for e in range(spec.num_experts)]
+            )
+        else:
+            self.gate = Linear(arrays, f"{p}.gate", spec.mlp_bias) if spec.gated_mlp else None
+            self.up = Linear(arrays, f"{p}.up", spec.mlp_bias)
+            self.down = Linear(arrays, f"{p}.down", spec.mlp_bias)
         self.mlp_out_norm = _norm(arrays, f"{p}.mlp_out_norm", spec, spec.output_norms)
 
     def _attention(self, h: jax.Array) -> jax.Array:
@@ -211,6 +236,26 @@ class Block(nnx.Module):
             return _activation(self.spec.activation, self.gate(h)) * self.up(h)
         return _activation(self.spec.activation, self.up(h))
 
+    def _mlp(self, mlp_in: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The MLP's output and the taps of its linears."""
+        if not self.spec.num_experts:
+            down_in = self._mlp_hidden(mlp_in)
+            return self.down(down_in), {"down_in": down_in}
+        # Every expert runs on every token with the others' rows zeroed (fixed shapes under
+        # jit; it costs num_experts dense MLPs): its taps hold exactly the routed tokens, so
+        # their Grams are the routed tokens' Grams.
+        weights, chosen = routing_weights(self.router(mlp_in), self.spec)
+        output = jnp.zeros_like(mlp_in)
+        taps = {}
+        for e, expert in enumerate(self.experts):
+            routed = chosen[..., e, None]
+            x = jnp.where(routed, mlp_in, 0.0)
+            hidden = _activation(self.spec.activation, expert.gate(x)) * expert.up(x)
+            hidden = jnp.where(routed, hidden, 0.0)
+            output = output + expert.down(hidden) * weights[..., e, None]
+            taps |= {f"experts.{e}.mlp_in": x, f"experts.{e}.down_in": hidden}
+        return output, taps
+
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Block output and the inputs of its linears (see ``LINEAR_INPUTS``)."""
         return self.finish(x, self.attend(x))
@@ -232,11 +277,11 @@ class Block(nnx.Module):
         if not pre_norm:
             x = self.attn_norm(x)
         mlp_in = self.mlp_norm(x) if pre_norm else x
-        down_in = self._mlp_hidden(mlp_in)
-        x = x + _maybe(self.mlp_out_norm, self.down(down_in))
+        mlp_out, mlp_taps = self._mlp(mlp_in)
+        x = x + _maybe(self.mlp_out_norm, mlp_out)
         if not pre_norm:
             x = self.mlp_norm(x)
-        return x, {"attn_in": attn_in, "o_in": o_in, "mlp_in": mlp_in, "down_in": down_in}
+        return x, {"attn_in": attn_in, "o_in": o_in, "mlp_in": mlp_in, **mlp_taps}
 
 
 def _maybe(norm: Norm | None, x: jax.Array) -> jax.Array:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import (
     Gemma2Config,
@@ -14,6 +15,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
@@ -22,6 +25,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 _LLAMA_BASE = dict(
@@ -151,6 +156,31 @@ def _configs():
                 pad_token_id=0,
             ),
         ),
+        # mixtures of experts: 4 experts, 2 per token
+        "qwen3-moe": (
+            Qwen3MoeForCausalLM,
+            Qwen3MoeConfig(
+                **_LLAMA_BASE,
+                num_key_value_heads=2,
+                head_dim=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=24,
+                norm_topk_prob=False,
+                tie_word_embeddings=False,
+            ),
+        ),
+        "mixtral": (
+            MixtralForCausalLM,
+            MixtralConfig(
+                **_LLAMA_BASE,
+                num_key_value_heads=2,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                sliding_window=WINDOW,
+                tie_word_embeddings=False,
+            ),
+        ),
         # OPT-125m style (pre-norm) and OPT-350m style (post-norm, project_in/out)
         "opt": (
             OPTForCausalLM,
@@ -185,4 +215,34 @@ def build(name: str, directory: Path, seed: int = 0, **overrides) -> Path:
                     else torch.randn_like(param) / param.shape[-1] ** 0.5
                 )
     model.save_pretrained(directory)
+    return directory
+
+
+def write_stacked_expert_layout(directory: Path) -> Path:
+    """Rewrite a mixture-of-experts checkpoint (``save_pretrained`` writes the hub's one tensor
+    per expert) with transformers 5's in-memory names: ``mlp.experts.gate_up_proj`` (experts,
+    2 x width, hidden; gate rows first), ``mlp.experts.down_proj`` and ``mlp.gate``."""
+    import re
+
+    from safetensors.numpy import load_file, save_file
+
+    roles = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up"}
+    roles["down_proj"] = "down"
+    pattern = re.compile(r"(.*)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight")
+    experts: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    out = {}
+    for name, array in load_file(directory / "model.safetensors").items():
+        match = pattern.fullmatch(name)
+        if match:
+            layer, expert, role = match.groups()
+            experts.setdefault(layer, {}).setdefault(int(expert), {})[roles[role]] = array
+        else:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = array
+    for layer, by_expert in experts.items():
+        ordered = [by_expert[e] for e in sorted(by_expert)]
+        out[f"{layer}.mlp.experts.gate_up_proj"] = np.stack(
+            [np.concatenate([w["gate"], w["up"]]) for w in ordered]
+        )
+        out[f"{layer}.mlp.experts.down_proj"] = np.stack([w["down"] for w in ordered])
+    save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
     return directory

@@ -61,7 +61,18 @@ def test_stories260k_perplexity_matches_transformers(stories):
 
 
 @pytest.mark.parametrize(
-    "arch", ["opt-project", "llama3-gqa", "qwen3", "mistral", "gemma2", "gemma3", "phi3"]
+    "arch",
+    [
+        "opt-project",
+        "llama3-gqa",
+        "qwen3",
+        "mistral",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "qwen3-moe",
+        "mixtral",
+    ],
 )
 def test_zoo_perplexity_matches_transformers(zoo, arch):
     model, config = load_model(zoo[arch])

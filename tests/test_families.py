@@ -1,4 +1,5 @@
-"""The model families beyond LLaMA/Qwen2/OPT: Qwen3, Mistral, Gemma 2, Gemma 3 and Phi-3.
+"""The model families beyond LLaMA/Qwen2/OPT: Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3, and the
+mixtures of experts Qwen3-MoE and Mixtral.
 
 Logit parity and bit-exact round trips run for every family in test_models (the zoo), and
 perplexity parity in test_evaluate. Here: sliding windows change results exactly as in
@@ -9,23 +10,28 @@ with exact sparsity and the reported perplexity.
 import json
 import math
 import shutil
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
+from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM
 
-from jprune.converters.hf import TOKENIZER_FILES, Checkpoint, load_model
+from jprune.converters.hf import TOKENIZER_FILES, Checkpoint, load_model, read_tensors, save_model
 from jprune.converters.spec import UnsupportedModelError, spec_from_hf_config
 from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
-from jprune.model import logits
+from jprune.engine import accumulate_grams
+from jprune.methods.base import UNROUTED_FALLBACK
+from jprune.model import apply_block, logits
 
 import hf_zoo
 from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K, prune_with
 
-FAMILIES = ("qwen3", "mistral", "gemma2", "gemma3", "phi3")
+FAMILIES = ("qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen3-moe", "mixtral")
 
 
 def _torch_logits(path, ids):
@@ -369,23 +375,118 @@ def test_pruned_family_reloads_exact(family_models, tmp_path, family, method, ta
     )
     ppl, model = _transformers_perplexity(out, eval_text, 2 * hf_zoo.WINDOW)
     assert ppl == pytest.approx(report["perplexity"][str(eval_text)]["after"], rel=1e-5)
-    linears = 0
+    matrices = 0
     for layer in model.model.layers:
-        for name, module in layer.named_modules():
-            if not isinstance(module, torch.nn.Linear):
+        for name, weight in layer.named_parameters():
+            # every matrix of a block is pruned but the router (mlp.gate, a dense linear)
+            if weight.dim() < 2 or name == "mlp.gate.weight":
                 continue
-            nonzero = (module.weight != 0).numpy()
-            rows, d_in = nonzero.shape
+            nonzero = (weight != 0).numpy()
+            d_in = nonzero.shape[-1]
+            nonzero = nonzero.reshape(-1, d_in)  # stacked experts: every expert's rows
             if ":" in target:
-                assert (nonzero.reshape(rows, d_in // 4, 4).sum(-1) == 2).all(), name
+                assert (nonzero.reshape(-1, d_in // 4, 4).sum(-1) == 2).all(), name
             else:
                 assert (nonzero.sum(1) == d_in - d_in // 2).all(), name
-            linears += 1
-    fused = family == "phi3"
-    assert linears == 2 * (4 if fused else 7)
-    # every logical projection is its own layer in the report, fused or not
+            matrices += 1
     names = [layer["name"] for layer in report["layers"]]
-    assert len(names) == 2 * 7
-    if fused:
+    if family == "phi3":
+        assert matrices == 2 * 4  # fused qkv_proj and gate_up_proj
         assert "model.layers.0.self_attn.qkv_proj[k]" in names
         assert "model.layers.1.mlp.gate_up_proj[up]" in names
+    if "moe" in family or family == "mixtral":
+        assert matrices == 2 * (4 + 2)  # transformers stacks the experts
+        assert len(names) == 2 * (4 + 4 * 3)  # every expert's gate, up and down
+    else:
+        assert len(names) == 2 * 7  # each logical projection is its own layer, fused or not
+
+
+# ---------------------------------------------------------------- mixtures of experts
+
+
+@pytest.mark.parametrize("arch", ["qwen3-moe", "mixtral"])
+def test_stacked_expert_layout_loads_and_is_written_back(zoo, tmp_path, arch):
+    """transformers 5's stacked expert tensors (the zoo holds the hub's per-expert layout):
+    same logits as transformers, and a bit-exact round trip in the same layout."""
+    stacked = hf_zoo.write_stacked_expert_layout(
+        Path(shutil.copytree(zoo[arch], tmp_path / "stacked"))
+    )
+    checkpoint = Checkpoint(stacked)
+    assert checkpoint.spec.expert_layout == "fused"
+    assert Checkpoint(zoo[arch]).spec.expert_layout == "per_expert"
+    ids = np.random.default_rng(8).integers(0, 96, (2, 150))
+    model, config = load_model(stacked)
+    ref = _torch_logits(stacked, ids)
+    np.testing.assert_allclose(np.asarray(logits(model, jnp.asarray(ids))), ref, atol=1e-4)
+    out = save_model(model, config, tmp_path / "out")
+    written = read_tensors(out)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in written
+    original = read_tensors(stacked)
+    assert written.keys() == original.keys()
+    for name, tensor in original.items():
+        np.testing.assert_array_equal(written[name], tensor, err_msg=name)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_routed_token_grams_match_numpy(zoo):
+    """Each expert's Grams are those of the calibration tokens routed to it (float64 NumPy
+    reference: router softmax, top-2, the chosen tokens' inputs and hidden activations)."""
+    model, _ = load_model(zoo["qwen3-moe"])
+    block = model.layers[0]
+    x = np.random.default_rng(9).standard_normal((3, 40, 32)).astype(np.float32)
+    graphdef, state = nnx.split(block)
+    taps = [f"experts.{e}.{t}" for e in range(4) for t in ("mlp_in", "down_in")]
+    grams = accumulate_grams(graphdef, taps, state, None, jnp.asarray(x), None, batch_size=2)
+    _, outputs = apply_block(graphdef, state, jnp.asarray(x))
+    mlp_in = np.asarray(outputs["mlp_in"], np.float64).reshape(-1, 32)
+    probs = _softmax(mlp_in @ np.asarray(block.router.weight[...], np.float64).T)
+    chosen = np.argsort(-probs, axis=-1)[:, :2]
+    counts = []
+    for e, expert in enumerate(block.experts):
+        routed = mlp_in[(chosen == e).any(-1)]
+        counts.append(len(routed))
+        gate = routed @ np.asarray(expert.gate.weight[...], np.float64).T
+        hidden = gate / (1 + np.exp(-gate)) * (routed @ np.asarray(expert.up.weight[...]).T)
+        for tap, inputs in (("mlp_in", routed), ("down_in", hidden)):
+            np.testing.assert_allclose(
+                grams[f"experts.{e}.{tap}"]["gram"], inputs.T @ inputs, rtol=2e-5, atol=2e-4
+            )
+    assert sum(counts) == 2 * 120 and min(counts) > 0  # every token twice, every expert used
+
+
+def test_expert_without_routed_tokens_falls_back_to_magnitude(family_models, tmp_path):
+    """Top-1 routing with router rows (u, -u, 0, 0): every token goes to expert 0 or 1, never
+    to 2 or 3. Those two are pruned from the identity Gram (magnitude) and the report says so."""
+    models, _ = family_models
+    source = Path(shutil.copytree(models["mixtral"], tmp_path / "top1"))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | {"num_experts_per_tok": 1}))
+    tensors = read_tensors(source)
+    for name in [n for n in tensors if n.endswith("block_sparse_moe.gate.weight")]:
+        u = tensors[name][0]
+        tensors[name] = np.stack([u, -u, np.zeros_like(u), np.zeros_like(u)])
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "pruned"
+    report = prune_with(
+        source, "sparsegpt", sparsity=0.5, calib=CALIB_TEXT, nsamples=4, seqlen=64, out=out
+    )
+    fallbacks = {
+        layer["name"]: layer["info"].get("fallback")
+        for layer in report["layers"]
+        if ".experts." in layer["name"]
+    }
+    assert len(fallbacks) == 2 * 4 * 3
+    for name, fallback in fallbacks.items():
+        unrouted = ".experts.2." in name or ".experts.3." in name
+        assert (fallback == UNROUTED_FALLBACK) == unrouted, name
+    pruned = read_tensors(out)
+    for name, weight in tensors.items():
+        if ".experts.2." in name or ".experts.3." in name:
+            keep = np.argsort(-np.abs(weight), axis=1, kind="stable")[:, : weight.shape[1] // 2]
+            expected = np.zeros_like(weight)
+            np.put_along_axis(expected, keep, np.take_along_axis(weight, keep, 1), 1)
+            np.testing.assert_array_equal(pruned[name], expected, err_msg=name)
