@@ -475,10 +475,10 @@ def _default_layer_types(config: Mapping[str, Any], family: str, layers: int) ->
             config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6
         )
         return [_LAYER_TYPES[bool((i + 1) % pattern)] for i in range(layers)]
-    if family in ("qwen2", "qwen3", "qwen3_moe"):
+    if family in ("qwen2", "qwen3"):
         first_sliding = int(config.get("max_window_layers") or 0)
         return [_LAYER_TYPES[i >= first_sliding] for i in range(layers)]
-    # Mistral, Mixtral and Phi-3 slide every layer when they have a window.
+    # Mistral, Mixtral, Qwen3-MoE and Phi-3 slide every layer when they have a window.
     return [_LAYER_TYPES[1]] * layers
 
 
@@ -489,7 +489,7 @@ def _layer_windows(config: Mapping[str, Any], family: str, layers: int) -> tuple
     if family in _GEMMA and config.get("use_bidirectional_attention"):
         raise UnsupportedModelError("use_bidirectional_attention=true is not supported")
     types = config.get("layer_types")
-    if family in ("mistral", "mixtral", "phi3") or types is None:
+    if family in ("mistral", "mixtral", "qwen3_moe", "phi3") or types is None:
         types = _default_layer_types(config, family, layers)
     if (
         not isinstance(types, list)

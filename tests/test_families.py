@@ -25,6 +25,7 @@ from jprune.converters.hf import TOKENIZER_FILES, Checkpoint, load_model, read_t
 from jprune.converters.spec import UnsupportedModelError, spec_from_hf_config
 from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
 from jprune.engine import accumulate_grams
+from jprune.errors import JpruneError
 from jprune.methods.base import UNROUTED_FALLBACK
 from jprune.model import apply_block, logits
 
@@ -238,12 +239,47 @@ HUB_CONFIGS = {
         "vocab_size": 32064,
     },
 }
+HUB_CONFIGS["Qwen3-30B-A3B"] = {
+    **{k: v for k, v in HUB_CONFIGS["Qwen3-0.6B"].items() if k != "tie_word_embeddings"},
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "decoder_sparse_step": 1,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 48,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "num_attention_heads": 32,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 4,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+    "tie_word_embeddings": False,
+}
+HUB_CONFIGS["Mixtral-8x7B-v0.1"] = {
+    **HUB_CONFIGS["Mistral-7B-v0.1"],
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "max_position_embeddings": 32768,
+    "num_experts_per_tok": 2,
+    "num_local_experts": 8,
+    "output_router_logits": False,
+    "rope_theta": 1e6,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None,
+}
 _CONFIG_CLASSES = {
     "qwen3": "Qwen3Config",
     "mistral": "MistralConfig",
     "gemma2": "Gemma2Config",
     "gemma3_text": "Gemma3TextConfig",
     "phi3": "Phi3Config",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "mixtral": "MixtralConfig",
 }
 
 
@@ -255,7 +291,7 @@ def _saved_default(tmp_path, class_name):
 def _transformers_windows(config: dict) -> list[int | None]:
     """The window each layer's attention gets in transformers, read off its config object."""
     hf = getattr(transformers, _CONFIG_CLASSES[config["model_type"]]).from_dict(config)
-    if config["model_type"] in ("mistral", "phi3"):
+    if config["model_type"] in ("mistral", "mixtral", "qwen3_moe", "phi3"):
         return [hf.sliding_window] * hf.num_hidden_layers
     return [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
 
@@ -287,6 +323,12 @@ def test_real_and_default_configs_load(tmp_path):
     phi3 = specs["Phi-3-mini-4k-instruct"]
     assert phi3.window(0) == 2047 and phi3.rope.partial_rotary_factor == 1.0
     assert specs["Gemma3TextConfig"].layer_rope(5).theta == 1_000_000.0
+    moe = specs["Qwen3-30B-A3B"]
+    assert (moe.num_experts, moe.experts_per_token, moe.intermediate_size) == (128, 8, 768)
+    assert moe.normalize_routing and moe.qk_norm
+    mixtral = specs["Mixtral-8x7B-v0.1"]
+    assert (mixtral.num_experts, mixtral.experts_per_token) == (8, 2) and mixtral.normalize_routing
+    assert mixtral.intermediate_size == 14336 and mixtral.layer_windows == ()
 
 
 @pytest.mark.parametrize(
@@ -306,6 +348,9 @@ def test_real_and_default_configs_load(tmp_path):
         ("Qwen3-0.6B", {"layer_types": ["full_attention"] * 3}, "layer_types must list 28"),
         ("Qwen3-0.6B", {"qk_layernorm": False}, "'qk_layernorm'"),
         ("Qwen3-0.6B", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ("Qwen3-30B-A3B", {"mlp_only_layers": [0]}, "dense layers"),
+        ("Qwen3-30B-A3B", {"shared_expert_intermediate_size": 512}, "'shared_expert_inter"),
+        ("Mixtral-8x7B-v0.1", {"num_experts_per_tok": 9}, "between 1 and the 8 experts"),
     ],
 )
 def test_numerics_changing_fields_are_refused_by_name(name, changes, message):
@@ -490,3 +535,64 @@ def test_expert_without_routed_tokens_falls_back_to_magnitude(family_models, tmp
             expected = np.zeros_like(weight)
             np.put_along_axis(expected, keep, np.take_along_axis(weight, keep, 1), 1)
             np.testing.assert_array_equal(pruned[name], expected, err_msg=name)
+
+
+# ---------------------------------------------------------------- structured
+
+STRUCTURED_CASES = list(
+    zip(
+        ("qwen3", "mistral", "gemma2", "gemma3", "phi3"),
+        ("fasp", "spap", "wanda-sp", "spap", "fasp"),
+        strict=True,
+    )
+)
+
+
+@pytest.mark.parametrize(("family", "method"), STRUCTURED_CASES)
+def test_structured_mlp_pruning_exports_stock_config(family_models, tmp_path, family, method):
+    """Uniform MLP channel pruning on each dense family: a stock config with the new
+    intermediate_size (Phi-3's fused gate_up_proj written narrower), which transformers
+    reloads with the logits jprune computes."""
+    models, _ = family_models
+    out = tmp_path / "narrow"
+    options = {"num_stages": 10, "max_swaps": 5} if method == "spap" else {}
+    prune_with(
+        models[family],
+        method,
+        sparsity=0.25,
+        calib=CALIB_TEXT,
+        nsamples=4,
+        seqlen=2 * hf_zoo.WINDOW,
+        out=out,
+        method_options=options,
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == 36 and "auto_map" not in config
+    ids = np.random.default_rng(10).integers(0, 512, (1, 3 * hf_zoo.WINDOW))
+    model, _ = load_model(out)
+    assert model.layers[1].down.weight[...].shape == (32, 36)
+    ours = np.asarray(logits(model, jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, _torch_logits(out, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("family", "options", "message"),
+    [
+        ("gemma2", {"attention": True}, "implemented for LLaMA only"),
+        ("mixtral", {}, "structured pruning of mixtral's experts is not implemented"),
+    ],
+)
+def test_structured_refusals_name_the_family(family_models, tmp_path, family, options, message):
+    models, _ = family_models
+    with pytest.raises(JpruneError, match=message):
+        prune_with(
+            models[family],
+            "fasp",
+            sparsity=0.25,
+            calib=CALIB_TEXT,
+            nsamples=4,
+            seqlen=64,
+            out=tmp_path / "never",
+            method_options=options,
+        )
+    assert not (tmp_path / "never").exists()
