@@ -65,6 +65,7 @@ def test_stories260k_perplexity_matches_transformers(stories):
     [
         "opt-project",
         "llama3-gqa",
+        "qwen2",
         "qwen3",
         "mistral",
         "gemma2",

@@ -32,7 +32,7 @@ from jprune.model import apply_block, logits
 import hf_zoo
 from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K, prune_with
 
-FAMILIES = ("qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen3-moe", "mixtral")
+FAMILIES = ("qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen3-moe", "mixtral", "qwen2")
 
 
 def _torch_logits(path, ids):
@@ -541,8 +541,8 @@ def test_expert_without_routed_tokens_falls_back_to_magnitude(family_models, tmp
 
 STRUCTURED_CASES = list(
     zip(
-        ("qwen3", "mistral", "gemma2", "gemma3", "phi3"),
-        ("fasp", "spap", "wanda-sp", "spap", "fasp"),
+        ("qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen2"),
+        ("fasp", "spap", "wanda-sp", "spap", "fasp", "wanda-sp"),
         strict=True,
     )
 )
