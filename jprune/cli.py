@@ -415,6 +415,32 @@ def _output_flags(group) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from jprune.report import plot_layers, read_report, render_table, summary_rows
+
+    report = read_report(args.out_dir)
+    print(render_table(summary_rows(report)))
+    if args.plot:
+        print(f"wrote {plot_layers(report, args.plot)}")
+    return 0
+
+
+def add_report_parser(sub) -> None:
+    rp = sub.add_parser(
+        "report",
+        help="summarize a pruning run's report.json (and plot its layers)",
+        description="Print a summary table of a jprune prune output's report.json (method, settings, "
+        "perplexities and accuracies before -> after, time, memory) and, with --plot, draw per-layer "
+        "sparsity, relative reconstruction error and solver certificate against depth, one line per "
+        "linear role (needs matplotlib: pip install 'jprune[report]').",
+    )
+    rp.add_argument(
+        "out_dir", metavar="OUT_DIR", help="a jprune prune output directory (or its report.json)"
+    )
+    rp.add_argument("--plot", metavar="FILE.png", help="write the per-layer figure to this file")
+    rp.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jprune",
@@ -477,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.set_defaults(func=cmd_convert)
 
     add_prune_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
