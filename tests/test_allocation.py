@@ -262,3 +262,26 @@ def test_a_run_prunes_exactly_the_uniform_count_with_per_layer_sparsities(
     assert len(sparsities) > 1
     saved = json.loads((out / "report.json").read_text())
     assert saved["config"]["allocation"]["method"] == allocation
+
+
+def test_the_command_line_refuses_allocation_with_nm_in_one_line(assets, tmp_path, capsys):
+    from jprune.cli import main
+
+    from conftest import CALIB_TEXT
+
+    command = [
+        "prune",
+        "--model",
+        str(STORIES260K),
+        "--method",
+        "wanda",
+        "--calib",
+        str(CALIB_TEXT),
+    ]
+    assert main([*command, "--pattern", "2:4", "--allocation", "optimal"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("jprune: error: --allocation optimal needs --sparsity") and "\n" not in err
+    )
+    assert main([*command, "--sparsity", "0.5", "--allocation", "owl", "--owl-lambda", "0.9"]) == 2
+    assert "owl_lambda" in capsys.readouterr().err
