@@ -89,6 +89,12 @@ FLAG_FIELDS = {
     "out": ("output", "out"),
     "force": ("output", "force"),
     "resume": ("output", "resume"),
+    "allocation": ("allocation", "method"),
+    "outlier_m": ("allocation", "outlier_m"),
+    "owl_lambda": ("allocation", "owl_lambda"),
+    "allocation_spread": ("allocation", "spread"),
+    "allocation_points": ("allocation", "points"),
+    "allocation_estimate": ("allocation", "estimate"),
 }
 
 
@@ -204,6 +210,9 @@ def add_prune_parser(sub) -> None:
         "replays its run); flags given on the command line override the file.",
     )
     _target_flags(pr.add_argument_group("what to prune"))
+    _allocation_flags(
+        pr.add_argument_group("layer-wise sparsity allocation (unstructured --sparsity)")
+    )
     _data_flags(pr.add_argument_group("calibration and evaluation"))
     _engine_flags(pr.add_argument_group("engine"))
     _output_flags(pr.add_argument_group("output"))
@@ -267,6 +276,49 @@ def _target_flags(group) -> None:
         "--dtype",
         choices=DTYPE_CHOICES,
         help="cast the weights on load (default: keep the stored dtype)",
+    )
+
+
+def _allocation_flags(group) -> None:
+    group.add_argument(
+        "--allocation",
+        choices=("uniform", "owl", "optimal"),
+        help="how the global budget of zeros is shared among the linears: uniform (every layer at "
+        "--sparsity, default), owl (outlier-weighted, Yin et al. 2023: blocks with more Wanda-score "
+        "outliers keep more weights), optimal (per-layer sparsities minimising the summed estimated "
+        "relative error, solved exactly with a certificate); the global count of zeros is the "
+        "uniform one in every case; N:M patterns and structured methods refuse it",
+    )
+    group.add_argument(
+        "--outlier-m",
+        type=float,
+        metavar="M",
+        help="owl: a score is an outlier above M times its block's mean score (default: 5)",
+    )
+    group.add_argument(
+        "--owl-lambda",
+        type=float,
+        metavar="LAMBDA",
+        help="owl: block sparsities spread within +-LAMBDA around --sparsity (default: 0.08)",
+    )
+    group.add_argument(
+        "--allocation-spread",
+        type=float,
+        metavar="S",
+        help="optimal: each layer's error is measured at sparsities within +-S of --sparsity "
+        "(default: 0.1)",
+    )
+    group.add_argument(
+        "--allocation-points",
+        type=int,
+        metavar="K",
+        help="optimal: sparsities measured per layer, odd (default: 5)",
+    )
+    group.add_argument(
+        "--allocation-estimate",
+        choices=("obs", "mask"),
+        help="optimal: the layer error estimate, obs (sum of OBS single-weight errors "
+        "w^2/[H^-1]_jj, default) or mask (the exact error of the Wanda mask with no update)",
     )
 
 
@@ -363,6 +415,32 @@ def _output_flags(group) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from jprune.report import plot_layers, read_report, render_table, summary_rows
+
+    report = read_report(args.out_dir)
+    print(render_table(summary_rows(report)))
+    if args.plot:
+        print(f"wrote {plot_layers(report, args.plot)}")
+    return 0
+
+
+def add_report_parser(sub) -> None:
+    rp = sub.add_parser(
+        "report",
+        help="summarize a pruning run's report.json (and plot its layers)",
+        description="Print a summary table of a jprune prune output's report.json (method, settings, "
+        "perplexities and accuracies before -> after, time, memory) and, with --plot, draw per-layer "
+        "sparsity, relative reconstruction error and solver certificate against depth, one line per "
+        "linear role (needs matplotlib: pip install 'jprune[report]').",
+    )
+    rp.add_argument(
+        "out_dir", metavar="OUT_DIR", help="a jprune prune output directory (or its report.json)"
+    )
+    rp.add_argument("--plot", metavar="FILE.png", help="write the per-layer figure to this file")
+    rp.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jprune",
@@ -425,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.set_defaults(func=cmd_convert)
 
     add_prune_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

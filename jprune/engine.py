@@ -476,14 +476,16 @@ class _Job(NamedTuple):
     hf_names: Callable[[str], str] | None
     solve_rows: Callable[..., Any]
     mesh: Mesh | None
+    layer_targets: Mapping[str, Any] | None = None  # "layers.3.q" -> its own pattern
 
 
 def _prune_stage(job: _Job, index, stage, state, stats, held, changed) -> list[dict[str, Any]]:
     """Solve a stage's units in order, writing each one's parameters into ``state``."""
     records = []
     for unit in stage.units:
+        target = (job.layer_targets or {}).get(f"layers.{index}.{unit}", job.target)
         context = UnitContext(
-            job.spec, index, _flat_params(state), stats, job.target, job.method_options,
+            job.spec, index, _flat_params(state), stats, target, job.method_options,
             job.num_tokens, job.spec.num_layers, job.hf_names or str, job.solve_rows,
         )  # fmt: skip
         started = time.perf_counter()
@@ -537,6 +539,7 @@ def prune_model(
     hf_config: Mapping[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     hf_names: Callable[[str], str] | None = None,
+    layer_targets: Mapping[str, Any] | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` with ``method`` at ``target`` (a Pattern, or ``structured.Channels``).
 
@@ -545,7 +548,8 @@ def prune_model(
     finished block handed to its ``store`` and dropped). ``calibration`` is (nsamples, seqlen)
     token ids. ``progress(stage, block, num_blocks)`` is called as work advances (the CLI draws
     a bar from it). ``hf_names`` maps canonical layer names (``layers.0.q``) to the names shown
-    in the report.
+    in the report. ``layer_targets``: canonical linear name (``layers.3.q``) -> the pattern it
+    gets instead of ``target`` (a layer-wise allocation, ``jprune.allocation``).
     """
     blocks = as_blocks(model)
     program = method.program
@@ -565,8 +569,9 @@ def prune_model(
         return _solve_layer(layer, problem, pattern, layer_options, options)
 
     job = _Job(
-        program, spec, target, method_options, int(calibration.size), hf_names, solve_rows, mesh
-    )
+        program, spec, target, method_options, int(calibration.size), hf_names, solve_rows, mesh,
+        layer_targets,
+    )  # fmt: skip
     block_memory = []
     for index in range(start, spec.num_layers):
         memory.reset_peak()

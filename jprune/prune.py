@@ -21,6 +21,7 @@ from typing import Any
 import jax
 
 from jprune import memory
+from jprune.allocation import allocate
 from jprune.blocks import CheckpointBlocks
 from jprune.config import PruneConfig, Run, check_engine_options, resolve
 from jprune.converters.hf import (
@@ -242,12 +243,17 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
         before = _perplexities(checkpoint, evaluations, batch, "dense", progress)
         staging.remember("perplexity_before", before)
     prune_started = time.perf_counter()
+    allocation = allocate(
+        CheckpointBlocks(checkpoint), calibration, target, config.allocation, engine, staging,
+        progress,
+    )  # fmt: skip
     blocks = CheckpointBlocks(
         checkpoint, BlockShards(staging.path, checkpoint.spec) if writer else None, staging
     )
     outcome = prune_model(
         blocks, calibration, method, target, run.method_options, engine,
         hf_config=checkpoint.config, progress=progress, hf_names=_layer_hf_name(checkpoint.spec),
+        layer_targets=allocation.patterns,
     )  # fmt: skip
     prune_seconds = time.perf_counter() - prune_started
     if writer:
@@ -268,6 +274,7 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
             for name in evaluations
         },
         "summary": summarize(outcome.records),
+        "allocation": allocation.report,
         "parameters": pruned.parameter_count,
         "parameters_before": checkpoint.parameter_count,
         "prune_seconds": prune_seconds,
