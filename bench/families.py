@@ -3,8 +3,9 @@
 Runs the tests that exercise the families (logit and perplexity parity with transformers,
 round trips, pruning with exact sparsity on the reloaded checkpoint, structured export and
 refusals), reads their outcomes from a JUnit XML report, and writes the table between the
-markers of bench/RESULTS.md's "Model families" section. A cell is "yes" only when every test
-it names passed, "refused (tested)" when the test checks a one-line refusal, "FAILED" when
+markers of bench/RESULTS.md's "Model families" section. The pruning tests run every method
+(sparsegpt, wanda, fista) at both patterns on every family here, where the suite runs a
+pairwise cover. A cell is "yes" only when every test it names passed, "refused (tested)" when the test checks a one-line refusal, "FAILED" when
 one of its tests failed, and "-" when no test covers it.
 
     .venv/bin/python bench/families.py          # runs the tests (about 15 minutes here)
@@ -14,6 +15,7 @@ one of its tests failed, and "-" when no test covers it.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -55,7 +57,7 @@ FAMILIES = {
 def cells(zoo: str) -> dict[str, tuple[list[str], bool]]:
     """Column -> (test-id patterns, is a refusal test)."""
     z = re.escape(zoo)
-    prune = rf"test_pruned_family_reloads_exact\[{z}-\w+-"
+    prune = rf"test_pruned_family_reloads_exact\[{z}-\w+-"  # every method at that pattern
     out = {
         "convert": (
             [rf"test_logits_match_transformers\[{z}\]", rf"test_round_trip_is_bit_exact\[{z}\]"],
@@ -129,7 +131,9 @@ def main() -> None:
     if xml is None:
         xml = Path(tempfile.mkdtemp()) / "families.xml"
         command = [sys.executable, "-m", "pytest", "-q", f"--junitxml={xml}", *TESTS]
-        subprocess.run(command, cwd=ROOT, check=False)
+        # every method at every pattern on every family, not the suite's pairwise cover
+        env = {**os.environ, "JPRUNE_FULL_FAMILY_MATRIX": "1"}
+        subprocess.run(command, cwd=ROOT, check=False, env=env)
     text = table(outcomes(xml))
     print(text)
     results = RESULTS.read_text()

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jprune.converters.spec import block_linear_names, linear_input
 from jprune.errors import JpruneError
-from jprune.model import LINEAR_INPUTS
 from jprune.solvers import NM, Unstructured, keep_mask, num_pruned
 
 JOURNAL_KEY = "allocation"
@@ -312,15 +312,15 @@ def measure(
         graphdef, state = nnx.split(block)
         state = jax.tree.map(lambda a: replicate(a, options.mesh), state)
         params = _flat_params(state)
-        roles = [r for r in LINEAR_INPUTS if f"{r}.weight" in params]
-        taps = {LINEAR_INPUTS[r] for r in roles}
+        roles = block_linear_names(spec)  # every expert's linears in a mixture of experts
+        taps = {linear_input(r) for r in roles}
         stats = stream_statistics(
             graphdef, dict.fromkeys(taps, frozenset({"gram"})), state, state, x, None
         )
         scores = []
         for role in roles:
             weight = params[f"{role}.weight"].astype(jnp.float32)
-            gram = stats[LINEAR_INPUTS[role]]["gram"]
+            gram = stats[linear_input(role)]["gram"]
             shape = tuple(weight.shape)
             counts, errors = (), ()
             if settings.method == "optimal":
