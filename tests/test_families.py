@@ -33,7 +33,7 @@ from jprune.model import apply_block, logits
 import hf_zoo
 from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K, prune_with
 
-FAMILIES = ("qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen3-moe", "mixtral", "qwen2")
+FAMILIES = ("qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen3-moe", "mixtral", "qwen2", "opt")
 
 
 def _torch_logits(path, ids):
@@ -386,7 +386,8 @@ def family_models(tmp_path_factory, assets):
     root = tmp_path_factory.mktemp("families")
     models = {}
     for family in FAMILIES:
-        directory = hf_zoo.build(family, root / family, vocab_size=512, head_dim=8)
+        head = {} if family == "opt" else {"head_dim": 8}  # OPT's config has no head_dim
+        directory = hf_zoo.build(family, root / family, vocab_size=512, **head)
         for name in TOKENIZER_FILES:
             if (STORIES260K / name).is_file():
                 shutil.copy(STORIES260K / name, directory / name)
@@ -427,7 +428,8 @@ def test_pruned_family_reloads_exact(family_models, tmp_path, family, method, ta
     ppl, model = _transformers_perplexity(out, eval_text, 2 * hf_zoo.WINDOW)
     assert ppl == pytest.approx(report["perplexity"][str(eval_text)]["after"], rel=1e-5)
     matrices = 0
-    for layer in model.model.layers:
+    decoder = model.model.decoder if family == "opt" else model.model
+    for layer in decoder.layers:
         for name, weight in layer.named_parameters():
             # every matrix of a block is pruned but the router (mlp.gate, a dense linear)
             if weight.dim() < 2 or name == "mlp.gate.weight":
@@ -448,6 +450,8 @@ def test_pruned_family_reloads_exact(family_models, tmp_path, family, method, ta
     if "moe" in family or family == "mixtral":
         assert matrices == 2 * (4 + 2)  # transformers stacks the experts
         assert len(names) == 2 * (4 + 4 * 3)  # every expert's gate, up and down
+    elif family == "opt":
+        assert matrices == len(names) == 2 * 6  # q, k, v, out_proj, fc1, fc2
     else:
         assert len(names) == 2 * 7  # each logical projection is its own layer, fused or not
 
@@ -584,7 +588,12 @@ def test_structured_mlp_pruning_exports_stock_config(family_models, tmp_path, fa
 @pytest.mark.parametrize(
     ("family", "options", "message"),
     [
-        ("gemma2", {"attention": True}, "implemented for LLaMA only"),
+        # per-layer widths (v/o channels, non-uniform MLPs) export through LLaMA's remote code
+        *[
+            (family, {"attention": True}, "implemented for LLaMA only")
+            for family in ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+        ],
+        ("qwen3-moe", {}, "structured pruning of qwen3_moe's experts is not implemented"),
         ("mixtral", {}, "structured pruning of mixtral's experts is not implemented"),
     ],
 )
