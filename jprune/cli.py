@@ -33,7 +33,37 @@ def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, batch_size: 
         return perplexity(model, windows, batch_size=batch_size, progress=bar.update)
 
 
+def _task_spec(args: argparse.Namespace):
+    """The zero-shot tasks of ``--tasks`` and its companions, checked (None without --tasks)."""
+    from jprune.zeroshot import TaskSpec, parse_task_names
+
+    if args.tasks is None:
+        for flag in ("include_path", "num_fewshot", "limit"):
+            if getattr(args, flag) is not None:
+                raise JpruneError(f"--{flag.replace('_', '-')} is for --tasks")
+        return None
+    return TaskSpec(
+        parse_task_names(args.tasks), args.include_path, args.num_fewshot, args.limit
+    ).check()
+
+
+def cmd_eval_tasks(args: argparse.Namespace, spec) -> int:
+    from jprune.zeroshot import evaluate_checkpoint, format_results
+
+    result = evaluate_checkpoint(args.model, spec, batch_size=args.batch_size, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"model": args.model, **result.as_dict()}, default=str))
+    else:
+        print("\n".join(format_results(result.results)))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    spec = _task_spec(args)
+    if (spec is None) == (args.text is None):
+        raise JpruneError("give one of --text (perplexity) and --tasks (zero-shot accuracy)")
+    if spec is not None:
+        return cmd_eval_tasks(args, spec)
     from jprune.converters.hf import Checkpoint
     from jprune.data import load_tokenizer
 
@@ -363,6 +393,33 @@ def _output_flags(group) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _task_flags(group) -> None:
+    group.add_argument(
+        "--tasks",
+        metavar="NAME[,NAME...]",
+        help="lm-evaluation-harness tasks to report accuracy on (lm-eval's names, e.g. "
+        "boolq,arc_easy, or tasks of --include-path); needs pip install 'jprune[eval]' and each "
+        "task's dataset (downloaded, cached, or a local file)",
+    )
+    group.add_argument(
+        "--include-path",
+        metavar="DIR",
+        help="--tasks: a folder of lm-eval task YAMLs, searched besides lm-eval's own",
+    )
+    group.add_argument(
+        "--num-fewshot",
+        type=int,
+        metavar="K",
+        help="--tasks: examples in each prompt (default: each task's own, 0 for most)",
+    )
+    group.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="--tasks: at most N documents per task (default: all)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jprune",
@@ -372,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="perplexity of a model on a text",
-        description="Perplexity of an HF model directory on a text file, under the protocol of METHODS.md: the whole text tokenized once, non-overlapping windows, remainder dropped.",
+        help="perplexity of a model on a text, or its accuracy on lm-eval tasks",
+        description="Perplexity of an HF model directory on a text file, under the protocol of METHODS.md: the whole text tokenized once, non-overlapping windows, remainder dropped. "
+        "With --tasks instead of --text: lm-evaluation-harness tasks (needs pip install 'jprune[eval]') scored by jprune's JAX forward, the model loaded whole.",
     )
     ev.add_argument(
         "--model",
@@ -382,9 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--text",
-        required=True,
         help="text file to evaluate on, or a named dataset (wikitext2, c4) when online",
     )
+    _task_flags(ev)
     ev.add_argument(
         "--seqlen",
         type=int,
@@ -392,7 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per window (default: min(max_position_embeddings, 2048))",
     )
     ev.add_argument(
-        "--batch-size", type=int, default=8, help="windows per forward pass (default: 8)"
+        "--batch-size",
+        type=int,
+        default=8,
+        help="windows (with --tasks: requests) per forward pass (default: 8)",
     )
     ev.add_argument(
         "--dtype",
@@ -403,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (perplexity, tokens, seqlen, ...) instead of a sentence",
+        help="print one JSON object (perplexity, tokens, seqlen, ...; with --tasks lm-eval's results) instead of a sentence",
     )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
