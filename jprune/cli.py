@@ -35,16 +35,14 @@ def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, batch_size: 
 
 def _task_spec(args: argparse.Namespace):
     """The zero-shot tasks of ``--tasks`` and its companions, checked (None without --tasks)."""
-    from jprune.zeroshot import TaskSpec, parse_task_names
+    from jprune.zeroshot import TaskSpec
 
     if args.tasks is None:
         for flag in ("include_path", "num_fewshot", "limit"):
             if getattr(args, flag) is not None:
                 raise JpruneError(f"--{flag.replace('_', '-')} is for --tasks")
         return None
-    return TaskSpec(
-        parse_task_names(args.tasks), args.include_path, args.num_fewshot, args.limit
-    ).check()
+    return TaskSpec(args.tasks, args.include_path, args.num_fewshot, args.limit).check()
 
 
 def cmd_eval_tasks(args: argparse.Namespace, spec) -> int:
@@ -116,6 +114,10 @@ FLAG_FIELDS = {
     "matmul_precision": ("engine", "matmul_precision"),
     "eval": ("evaluation", "texts"),
     "eval_seqlen": ("evaluation", "seqlen"),
+    "tasks": ("evaluation", "tasks"),
+    "include_path": ("evaluation", "include_path"),
+    "num_fewshot": ("evaluation", "num_fewshot"),
+    "limit": ("evaluation", "limit"),
     "out": ("output", "out"),
     "force": ("output", "force"),
     "resume": ("output", "resume"),
@@ -202,6 +204,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for text, ppl in report["perplexity"].items():
         before = "n/a" if ppl["before"] is None else f"{ppl['before']:.4f}"
         print(f"perplexity on {text}: {before} -> {ppl['after']:.4f}")
+    if report.get("zero_shot"):
+        from jprune.zeroshot import format_change
+
+        print("\n".join(format_change(report["zero_shot"])))
     out = run.config.output.out
     if out:
         import jax
@@ -316,6 +322,7 @@ def _data_flags(group) -> None:
     group.add_argument(
         "--eval-seqlen", type=int, help="window length for --eval (default: --seqlen)"
     )
+    _task_flags(group)  # zero-shot accuracy before and after, into report.json
 
 
 def _engine_flags(group) -> None:
@@ -393,9 +400,17 @@ def _output_flags(group) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _task_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"no task names in {text!r}")
+    return names
+
+
 def _task_flags(group) -> None:
     group.add_argument(
         "--tasks",
+        type=_task_names,
         metavar="NAME[,NAME...]",
         help="lm-evaluation-harness tasks to report accuracy on (lm-eval's names, e.g. "
         "boolq,arc_easy, or tasks of --include-path); needs pip install 'jprune[eval]' and each "

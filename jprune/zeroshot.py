@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -67,8 +68,17 @@ class TaskSpec:
         return self
 
 
-def parse_task_names(text: str) -> tuple[str, ...]:
-    return tuple(n.strip() for n in text.split(",") if n.strip())
+def task_spec(evaluation) -> TaskSpec | None:
+    """The tasks of a run's ``evaluation`` section (``config.EvaluationConfig``), if any."""
+    if not evaluation.tasks:
+        return None
+    return TaskSpec(
+        tuple(evaluation.tasks), evaluation.include_path, evaluation.num_fewshot, evaluation.limit
+    )
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
 
 
 class ZeroShot(NamedTuple):
@@ -81,12 +91,14 @@ class ZeroShot(NamedTuple):
     seconds: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """Plain JSON values (lm-eval leaves a few numpy scalars and "N/A" stderrs)."""
+        data = {
             "results": self.results,
             "n-samples": self.samples,
             "n-shot": self.num_fewshot,
             "seconds": self.seconds,
         }
+        return json.loads(json.dumps(data, default=_plain))
 
 
 # ---- scoring: token sequences -> log-probabilities, batched over padded length buckets ----
@@ -423,19 +435,32 @@ def evaluate_checkpoint(
     return evaluate_tasks(model, tokenizer, spec, batch_size=batch_size, manager=manager)
 
 
-def format_results(results: dict[str, dict[str, Any]]) -> list[str]:
-    """One line per task and metric: ``task  metric  value  ± stderr``."""
-    lines = []
+def _metrics(results: dict[str, dict[str, Any]]):
+    """(task, metric, filter, value, stderr or None) for every numeric metric of ``results``."""
     for task in sorted(results):
         metrics = results[task]
         for key in sorted(metrics):
             metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr") or metric == "alias" or not filt:
-                continue
             value = metrics[key]
-            if not isinstance(value, (int, float)):
+            if metric.endswith("_stderr") or not filt or not isinstance(value, (int, float)):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{filt}")
-            err = f"  ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
-            lines.append(f"{task}  {metric}  {value:.4f}{err}")
+            yield task, metric, filt, value, stderr if isinstance(stderr, (int, float)) else None
+
+
+def format_results(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per task and metric: ``task  metric  value  ± stderr``."""
+    return [
+        f"{task}  {metric}  {value:.4f}" + ("" if err is None else f"  ± {err:.4f}")
+        for task, metric, _, value, err in _metrics(results)
+    ]
+
+
+def format_change(zero_shot: dict[str, Any]) -> list[str]:
+    """``task metric: before -> after`` lines from a report's ``zero_shot`` record."""
+    before = (zero_shot.get("before") or {}).get("results", {})
+    lines = []
+    for task, metric, filt, value, _ in _metrics(zero_shot["after"]["results"]):
+        old = before.get(task, {}).get(f"{metric},{filt}")
+        lines.append(f"{task} {metric}: {'n/a' if old is None else f'{old:.4f}'} -> {value:.4f}")
     return lines

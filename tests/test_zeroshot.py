@@ -14,7 +14,7 @@ import pytest
 from jprune.cli import main
 from jprune.zeroshot import TaskSpec, bucket_length, continuation_logprobs
 
-from conftest import EVAL_TEXT, STORIES260K
+from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -228,3 +228,44 @@ def test_task_flags_are_checked(capsys):
     )
     with pytest.raises(Exception, match="num_fewshot"):
         TaskSpec(("a",), num_fewshot=-1).check()
+
+
+def _prune_argv(tasks, out) -> list[str]:
+    return [
+        "prune", "--model", str(STORIES260K), "--method", "magnitude", "--sparsity", "0.5",
+        "--calib", str(CALIB_TEXT), "--nsamples", "2", "--seqlen", "64", "--quiet",
+        "--tasks", TASK, "--include-path", str(tasks), "--limit", "24", "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_prune_reports_accuracy_before_and_after(tasks, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(_prune_argv(tasks, out)) == 0
+    printed = capsys.readouterr().out
+    zero_shot = json.loads((out / "report.json").read_text())["zero_shot"]
+    assert json.loads((out / "report.json").read_text())["config"]["evaluation"]["tasks"] == [TASK]
+    for label, model in (("before", STORIES260K), ("after", out)):
+        argv = ["eval", "--model", str(model), "--tasks", TASK, "--include-path", str(tasks)]
+        assert main([*argv, "--limit", "24", "--json"]) == 0
+        alone = json.loads(capsys.readouterr().out)["results"][TASK]
+        assert zero_shot[label]["results"][TASK]["acc,none"] == alone["acc,none"]
+        assert zero_shot[label]["n-samples"][TASK]["effective"] == 24
+    before = zero_shot["before"]["results"][TASK]["acc,none"]
+    after = zero_shot["after"]["results"][TASK]["acc,none"]
+    assert f"{TASK} acc: {before:.4f} -> {after:.4f}" in printed
+
+
+def test_prune_tasks_refused_before_any_work(tasks, tmp_path, capsys, monkeypatch):
+    import jax
+
+    out = tmp_path / "pruned"
+    argv = _prune_argv(tasks, out)
+    line = _error(
+        capsys, *argv[: argv.index("--tasks") + 1], "nope", *argv[argv.index("--include-path") :]
+    )
+    assert "no task 'nope'" in line
+    line = _error(capsys, *argv[: argv.index("--tasks")], "--limit", "3", "--out", str(out))
+    assert "evaluation.limit is for evaluation.tasks" in line
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert "runs in one process" in _error(capsys, *argv)
+    assert not out.exists()
