@@ -101,6 +101,10 @@ class EvaluationConfig:
     texts: tuple[str, ...] = option((), "texts to report perplexity on before and after")
     seqlen: int | None = option(None, "evaluation window length (none: the calibration's)", low=1)
     dense: bool = option(True, "also evaluate the dense model (false: reported as null)")
+    tasks: tuple[str, ...] = option((), "lm-eval tasks to report accuracy on before and after")
+    include_path: str | None = option(None, "a folder of lm-eval task YAMLs for tasks")
+    num_fewshot: int | None = option(None, "tasks: examples per prompt (none: the task's)", low=0)
+    limit: int | None = option(None, "tasks: at most this many documents per task", low=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +323,16 @@ def resolve(config: PruneConfig) -> Run:
     check_allocation(config.allocation, method, target)
     intra_block = method.intra_block if engine.intra_block is None else engine.intra_block
     check_engine_options(method, intra_block, engine.batch_size, engine.row_blocks, 1)
+    evaluation = config.evaluation
+    if not evaluation.tasks:
+        for key in ("include_path", "num_fewshot", "limit"):
+            if getattr(evaluation, key) is not None:
+                raise JpruneError(f"evaluation.{key} is for evaluation.tasks (--tasks)")
+    else:
+        from jprune.zeroshot import require_lm_eval, task_spec
+
+        task_spec(config.evaluation).check()
+        require_lm_eval()
     out = config.output.out
     if out is not None and Path(out).exists() and not config.output.force:
         raise JpruneError(f"output {out!r} already exists (use --force to replace it)")

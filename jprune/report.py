@@ -56,6 +56,22 @@ def _before_after(table: Mapping[str, Any], label: str) -> list[tuple[str, str]]
     return rows
 
 
+def zero_shot_metrics(zero_shot: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """``report.json``'s ``zero_shot`` (lm-eval's results before and after) -> ``"task metric"
+    -> {before, after}`` for every numeric metric but the standard errors."""
+    if not isinstance(zero_shot, Mapping) or not zero_shot.get("after"):
+        return {}
+    before = (zero_shot.get("before") or {}).get("results", {})
+    table = {}
+    for task, metrics in zero_shot["after"].get("results", {}).items():
+        for key, value in metrics.items():
+            if "stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metric = key.removesuffix(",none")
+            table[f"{task} {metric}"] = {"before": before.get(task, {}).get(key), "after": value}
+    return table
+
+
 def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(field, value) pairs: what was run, with which settings, and what it gave."""
     config = report.get("config", {})
@@ -93,9 +109,7 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows.append(("sparsity", _number(summary.get("sparsity"))))
     rows.append(("summed relative error", _number(summary.get("relative_error_sum"))))
     rows += _before_after(report.get("perplexity", {}), "perplexity")
-    for key in ("accuracy", "accuracies", "tasks", "zero_shot"):
-        if isinstance(report.get(key), Mapping):
-            rows += _before_after(report[key], "accuracy")
+    rows += _before_after(zero_shot_metrics(report.get("zero_shot")), "accuracy")
     rows.append(("prune time", f"{_number(report.get('prune_seconds'), 1)} s"))
     rows.append(("wall time", f"{_number(report.get('wall_seconds'), 1)} s"))
     rows.append(

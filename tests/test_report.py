@@ -39,7 +39,12 @@ def _report(method: str, info) -> dict:
         },
         "summary": {"sparsity": 0.6, "relative_error_sum": 1.5},
         "perplexity": {"eval.txt": {"before": 10.0, "after": 12.5, "seqlen": 64}},
-        "accuracy": {"hellaswag": {"before": 0.41, "after": 0.38}},
+        "zero_shot": {
+            "before": {"results": {"hellaswag": {"alias": "hellaswag", "acc,none": 0.41}}},
+            "after": {
+                "results": {"hellaswag": {"acc,none": 0.38, "acc_stderr,none": 0.01}},
+            },
+        },
         "prune_seconds": 12.0,
         "wall_seconds": 20.0,
         "memory": {"peak_rss_bytes": 2**30, "bound_bytes": 2**29, "baseline_rss_bytes": 2**28},
@@ -65,7 +70,8 @@ def test_report_prints_the_table_and_renders_a_png(tmp_path, capsys):
     (run / "report.json").write_text(json.dumps(_report("fista", info)))
     rows = dict(summary_rows(read_report(run)))
     assert rows["perplexity eval.txt"] == "10.0000 -> 12.5000"
-    assert rows["accuracy hellaswag"] == "0.4100 -> 0.3800"
+    assert rows["accuracy hellaswag acc"] == "0.4100 -> 0.3800"
+    assert not any("stderr" in name for name in rows)
     assert rows["allocation"] == "optimal" and "gap 0" in rows["allocation certificate"]
     png = tmp_path / "layers.png"
     assert main(["report", str(run), "--plot", str(png)]) == 0
