@@ -9,6 +9,7 @@ never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -74,6 +75,27 @@ _LLAMA_NAMES = {
         for role in ("gate", "up", "down")
         for kind in ("weight", "bias")
     },
+    "layers.{i}.q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+# Gemma 2/3 name their four block norms by position: post_attention_layernorm is the norm of
+# the attention output, pre_feedforward_layernorm the MLP's input norm.
+_GEMMA_NAMES = {
+    **_LLAMA_NAMES,
+    "layers.{i}.attn_out_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "layers.{i}.mlp_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "layers.{i}.mlp_out_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+# Phi-3 fuses q, k, v into one matrix and gate, up into another (rows stacked in this order);
+# they are split on reading, so each logical projection is pruned on its own, and stacked back
+# on writing.
+_PHI3_NAMES = {
+    **_LLAMA_NAMES,
+    **{f"layers.{{i}}.{r}.weight": "model.layers.{i}.self_attn.qkv_proj.weight" for r in "qkv"},
+    **{
+        f"layers.{{i}}.{r}.weight": "model.layers.{i}.mlp.gate_up_proj.weight"
+        for r in ("gate", "up")
+    },
 }
 _OPT_LINEARS = {
     "q": "self_attn.q_proj",
@@ -98,7 +120,43 @@ _OPT_NAMES = {
         for kind in ("weight", "bias")
     },
 }
-_NAME_TABLES = {"llama": _LLAMA_NAMES, "qwen2": _LLAMA_NAMES, "opt": _OPT_NAMES}
+# Mixtures of experts. The hub stores one tensor per expert (Mixtral under block_sparse_moe,
+# with w1 = gate, w3 = up, w2 = down); transformers 5 stacks the experts: gate_up_proj
+# (experts, 2 x width, hidden) with gate rows first, and down_proj (experts, hidden, width).
+_QWEN3_MOE_NAMES = {
+    **_LLAMA_NAMES,
+    "layers.{i}.router.weight": "model.layers.{i}.mlp.gate.weight",
+    **{
+        f"layers.{{i}}.experts.{{e}}.{r}.weight": f"model.layers.{{i}}.mlp.experts.{{e}}.{r}_proj.weight"
+        for r in ("gate", "up", "down")
+    },
+}
+_MIXTRAL_NAMES = {
+    **_LLAMA_NAMES,
+    "layers.{i}.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+    **{
+        f"layers.{{i}}.experts.{{e}}.{r}.weight": f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{w}.weight"
+        for r, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
+    },
+}
+_STACKED_EXPERT_NAMES = {
+    "layers.{i}.router.weight": "model.layers.{i}.mlp.gate.weight",
+    "layers.{i}.experts.{e}.gate.weight": "model.layers.{i}.mlp.experts.gate_up_proj",
+    "layers.{i}.experts.{e}.up.weight": "model.layers.{i}.mlp.experts.gate_up_proj",
+    "layers.{i}.experts.{e}.down.weight": "model.layers.{i}.mlp.experts.down_proj",
+}
+_NAME_TABLES = {
+    "qwen3_moe": _QWEN3_MOE_NAMES,
+    "mixtral": _MIXTRAL_NAMES,
+    "llama": _LLAMA_NAMES,
+    "qwen2": _LLAMA_NAMES,
+    "qwen3": _LLAMA_NAMES,
+    "mistral": _LLAMA_NAMES,
+    "gemma2": _GEMMA_NAMES,
+    "gemma3_text": _GEMMA_NAMES,
+    "phi3": _PHI3_NAMES,
+    "opt": _OPT_NAMES,
+}
 # Buffers some older checkpoints carry that the forward recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -106,6 +164,8 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def hf_name_map(spec: ModelSpec) -> dict[str, str]:
     """Canonical name -> HF name for every tensor this spec's model holds."""
     table = _NAME_TABLES[spec.family]
+    if spec.num_experts and spec.expert_layout == "fused":
+        table = {**table, **_STACKED_EXPERT_NAMES}
     names = ["embed.weight"]
     if spec.rope is None:
         names.append("pos_embed.weight")
@@ -116,10 +176,15 @@ def hf_name_map(spec: ModelSpec) -> dict[str, str]:
     if not spec.tie_embeddings:
         names.append("lm_head.weight")
     per_layer = ["attn_norm", "mlp_norm"]
+    per_layer += ["q_norm", "k_norm"] if spec.qk_norm else []
+    per_layer += ["attn_out_norm", "mlp_out_norm"] if spec.output_norms else []
     norm_kinds = ("weight", "bias") if spec.norm == "layer" else ("weight",)
     layer_names = [f"layers.{{i}}.{n}.{k}" for n in per_layer for k in norm_kinds]
     biases = {"q": spec.qkv_bias, "k": spec.qkv_bias, "v": spec.qkv_bias, "o": spec.o_bias}
     mlp_roles = ("gate", "up", "down") if spec.gated_mlp else ("up", "down")
+    if spec.num_experts:
+        layer_names.append("layers.{i}.router.weight")
+        mlp_roles = tuple(f"experts.{e}.{r}" for e in range(spec.num_experts) for r in mlp_roles)
     biases |= dict.fromkeys(mlp_roles, spec.mlp_bias)
     for role, has_bias in biases.items():
         layer_names.append(f"layers.{{i}}.{role}.weight")
@@ -132,10 +197,103 @@ def hf_name_map(spec: ModelSpec) -> dict[str, str]:
 
 def _hf_for(table: Mapping[str, str], canonical: str) -> str:
     parts = canonical.split(".")
-    if parts[0] == "layers":
-        template = ".".join(["layers", "{i}", *parts[2:]])
-        return table[template].replace("{i}", parts[1])
-    return table[canonical]
+    if parts[0] != "layers":
+        return table[canonical]
+    if parts[2] == "experts":
+        template = ".".join(["layers", "{i}", "experts", "{e}", *parts[4:]])
+        return table[template].replace("{i}", parts[1]).replace("{e}", parts[3])
+    template = ".".join(["layers", "{i}", *parts[2:]])
+    return table[template].replace("{i}", parts[1])
+
+
+def _expert_of(canonical: str) -> int | None:
+    parts = canonical.split(".")
+    return int(parts[3]) if len(parts) > 4 and parts[2] == "experts" else None
+
+
+def _by_expert(names: list[str]) -> dict[int | None, list[str]]:
+    groups: dict[int | None, list[str]] = {}
+    for name in names:
+        groups.setdefault(_expert_of(name), []).append(name)
+    return groups
+
+
+def fused_groups(name_map: Mapping[str, str]) -> dict[str, list[str]]:
+    """HF name -> the canonical names stacked in it (row blocks in this order, experts along a
+    leading axis), for the HF tensors that hold several of jprune's (Phi-3's ``qkv_proj`` and
+    ``gate_up_proj``, transformers 5's stacked experts)."""
+    groups: dict[str, list[str]] = {}
+    for ours, theirs in name_map.items():
+        groups.setdefault(theirs, []).append(ours)
+    return {theirs: names for theirs, names in groups.items() if len(names) > 1}
+
+
+def _row_splits(spec: ModelSpec, names: list[str], rows: int) -> list[int]:
+    """Row counts of the canonical pieces of a fused tensor with ``rows`` rows."""
+    roles = [n.split(".")[-2] for n in names]
+    if roles == ["q", "k", "v"]:
+        q, k = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        splits = [q, k, rows - q - k]
+    elif roles == ["gate", "up"]:
+        splits = [rows // 2, rows - rows // 2]
+    elif len(roles) == 1:
+        splits = [rows]
+    else:  # pragma: no cover - the name tables fuse only these two groups
+        raise UnsupportedModelError(f"no row split is known for the fused {roles}")
+    if min(splits) <= 0 or (roles == ["gate", "up"] and rows % 2):
+        raise CheckpointError(f"fused tensor of {names[0]} has {rows} rows: cannot split {roles}")
+    return splits
+
+
+def fused_slices(
+    spec: ModelSpec, name_map: Mapping[str, str], stored_shapes: Mapping[str, Any]
+) -> dict[str, tuple]:
+    """Canonical name -> the index of its piece in its fused HF tensor: ``(rows,)``, or
+    ``(expert, rows)`` in a stacked-experts tensor."""
+    slices = {}
+    for theirs, names in fused_groups(name_map).items():
+        shape = stored_shapes[theirs].shape
+        groups = _by_expert(names)
+        stacked = None not in groups
+        if stacked and (len(shape) != 3 or shape[0] != len(groups)):
+            raise CheckpointError(
+                f"{theirs!r} has shape {tuple(shape)}: expected {len(groups)} stacked experts"
+            )
+        for expert, members in groups.items():
+            start = 0
+            splits = _row_splits(spec, members, shape[1] if stacked else shape[0])
+            for name, rows in zip(members, splits, strict=True):
+                piece = slice(start, start + rows)
+                slices[name] = (expert, piece) if stacked else (piece,)
+                start += rows
+    return slices
+
+
+def hf_tensors(name_map: Mapping[str, str], arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Canonical-named arrays -> HF-named tensors, fused pieces stacked back in order."""
+    groups = fused_groups(name_map)
+    tensors = {}
+    for ours, array in arrays.items():
+        theirs = name_map[ours]
+        if theirs not in groups:
+            tensors[theirs] = np.ascontiguousarray(array)
+        elif theirs not in tensors:
+            parts = {
+                expert: np.concatenate([np.asarray(arrays[n]) for n in members])
+                for expert, members in _by_expert(groups[theirs]).items()
+            }
+            tensors[theirs] = parts[None] if None in parts else np.stack(list(parts.values()))
+    return tensors
+
+
+def _expert_layout(spec: ModelSpec, stored) -> ModelSpec:
+    """The spec with the expert layout the stored tensor names use."""
+    if not spec.num_experts:
+        return spec
+    stacked = hf_name_map(dataclasses.replace(spec, expert_layout="fused"))
+    if stacked["layers.0.experts.0.gate.weight"] in stored:
+        return dataclasses.replace(spec, expert_layout="fused")
+    return dataclasses.replace(spec, expert_layout="per_expert")
 
 
 # ---------------------------------------------------------------- reading
@@ -269,18 +427,6 @@ def _check_names(spec: ModelSpec, available) -> dict[str, str]:
     return name_map
 
 
-def canonical_arrays(
-    spec: ModelSpec, tensors: Mapping[str, np.ndarray], dtype: str | None = None
-) -> dict[str, np.ndarray]:
-    """HF-named tensors -> canonical-named arrays; refuses missing and unknown tensors."""
-    name_map = _check_names(spec, tensors)
-    target = None if dtype is None else DTYPES[dtype]
-    return {
-        ours: tensors[theirs] if target is None else tensors[theirs].astype(target)
-        for ours, theirs in name_map.items()
-    }
-
-
 class Checkpoint:
     """An HF checkpoint directory, opened lazily: the config and the tensor headers are read
     at once (so unknown, missing or mis-sized tensors are refused before any work), tensors
@@ -306,28 +452,36 @@ class Checkpoint:
             stored = {}
             for file in sorted(files):
                 stored |= _safetensors_shapes(self.path / file)
+        self.spec = _expert_layout(self.spec, stored)
         self.name_map = _check_names(self.spec, stored)
-        self.shapes = {
-            ours: jax.ShapeDtypeStruct(stored[theirs].shape, self.dtype or stored[theirs].dtype)
-            for ours, theirs in self.name_map.items()
-        }
+        self._slices = fused_slices(self.spec, self.name_map, stored)
+        self.shapes = {}
+        for ours, theirs in self.name_map.items():
+            shape = stored[theirs].shape
+            if ours in self._slices:
+                shape = jax.eval_shape(lambda a, i=self._slices[ours]: a[i], stored[theirs]).shape
+            self.shapes[ours] = jax.ShapeDtypeStruct(shape, self.dtype or stored[theirs].dtype)
         _check_widths(self.config, self.spec, self.shapes)
 
     def read(self, names) -> dict[str, np.ndarray]:
         """Canonical name -> array (cast to the requested dtype) for ``names``."""
         names = list(names)
+        wanted = {self.name_map[ours] for ours in names}
         by_file: dict[str, list[str]] = {}
-        out: dict[str, np.ndarray] = {}
-        for ours in names:
-            theirs = self.name_map[ours]
+        tensors: dict[str, np.ndarray] = {}
+        for theirs in sorted(wanted):
             if theirs in self._loaded:
-                out[ours] = self._loaded[theirs]
+                tensors[theirs] = self._loaded[theirs]
             else:
                 by_file.setdefault(self._file_of[theirs], []).append(theirs)
-        back = {theirs: ours for ours, theirs in self.name_map.items()}
         for file, hf_names in by_file.items():
-            for theirs, array in _read_safetensors(self.path / file, hf_names).items():
-                out[back[theirs]] = array
+            tensors |= _read_safetensors(self.path / file, hf_names)
+        out: dict[str, np.ndarray] = {}
+        for ours in names:
+            array = tensors[self.name_map[ours]]
+            if ours in self._slices:
+                array = array[self._slices[ours]]
+            out[ours] = array
         if self.dtype is not None:
             out = {k: v.astype(self.dtype) for k, v in out.items()}
         return {k: out[k] for k in names}
@@ -366,9 +520,10 @@ def load_model(path: str | os.PathLike, dtype: str | None = None):
 def _check_widths(config: Mapping[str, Any], spec: ModelSpec, arrays) -> None:
     """The MLP and value widths of the tensors are the ones the config declares, per layer."""
     widths = layer_widths(config, spec)
+    mlp = "experts.0.down" if spec.num_experts else "down"
     for i in range(spec.num_layers):
         found = {
-            "intermediate": arrays[f"layers.{i}.down.weight"].shape[1],
+            "intermediate": arrays[f"layers.{i}.{mlp}.weight"].shape[1],
             "v_head": arrays[f"layers.{i}.v.weight"].shape[0] // spec.num_kv_heads,
         }
         for key, width in found.items():
@@ -495,8 +650,7 @@ def save_model(
     from jprune.model import named_arrays
 
     arrays = {k: np.asarray(v) for k, v in named_arrays(model).items()}
-    name_map = hf_name_map(model.spec)
-    tensors = {name_map[k]: v for k, v in arrays.items()}
+    tensors = hf_tensors(hf_name_map(model.spec), arrays)
     config = export_config(hf_config, dtype_name(arrays), config_updates)
     with atomic_directory(out, force=force) as staging:
         write_tensors(staging, tensors, max_shard_bytes)
@@ -523,7 +677,7 @@ class BlockShards:
         return f"model-{number:05d}-of-{self.count:05d}.safetensors"
 
     def _write(self, number: int, arrays: Mapping[str, np.ndarray]) -> None:
-        tensors = {self.name_map[k]: np.ascontiguousarray(v) for k, v in sorted(arrays.items())}
+        tensors = dict(sorted(hf_tensors(self.name_map, arrays).items()))
         final = self.directory / self.shard_name(number)
         partial = final.with_suffix(".tmp")
         save_file(tensors, str(partial), metadata={"format": "pt"})

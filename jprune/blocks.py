@@ -84,7 +84,7 @@ class CheckpointBlocks:
         self.journal = journal
 
     def load(self, index: int) -> Block:
-        return Block(self.checkpoint.block(index), f"layers.{index}", self.spec)
+        return Block(self.checkpoint.block(index), index, self.spec)
 
     def store(self, index: int, block: Block, state: BlockState) -> None:
         if self.shards is not None:

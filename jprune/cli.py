@@ -33,7 +33,35 @@ def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, batch_size: 
         return perplexity(model, windows, batch_size=batch_size, progress=bar.update)
 
 
+def _task_spec(args: argparse.Namespace):
+    """The zero-shot tasks of ``--tasks`` and its companions, checked (None without --tasks)."""
+    from jprune.zeroshot import TaskSpec
+
+    if args.tasks is None:
+        for flag in ("include_path", "num_fewshot", "limit"):
+            if getattr(args, flag) is not None:
+                raise JpruneError(f"--{flag.replace('_', '-')} is for --tasks")
+        return None
+    return TaskSpec(args.tasks, args.include_path, args.num_fewshot, args.limit).check()
+
+
+def cmd_eval_tasks(args: argparse.Namespace, spec) -> int:
+    from jprune.zeroshot import evaluate_checkpoint, format_results
+
+    result = evaluate_checkpoint(args.model, spec, batch_size=args.batch_size, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"model": args.model, **result.as_dict()}, default=str))
+    else:
+        print("\n".join(format_results(result.results)))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    spec = _task_spec(args)
+    if (spec is None) == (args.text is None):
+        raise JpruneError("give one of --text (perplexity) and --tasks (zero-shot accuracy)")
+    if spec is not None:
+        return cmd_eval_tasks(args, spec)
     from jprune.converters.hf import Checkpoint
     from jprune.data import load_tokenizer
 
@@ -86,9 +114,19 @@ FLAG_FIELDS = {
     "matmul_precision": ("engine", "matmul_precision"),
     "eval": ("evaluation", "texts"),
     "eval_seqlen": ("evaluation", "seqlen"),
+    "tasks": ("evaluation", "tasks"),
+    "include_path": ("evaluation", "include_path"),
+    "num_fewshot": ("evaluation", "num_fewshot"),
+    "limit": ("evaluation", "limit"),
     "out": ("output", "out"),
     "force": ("output", "force"),
     "resume": ("output", "resume"),
+    "allocation": ("allocation", "method"),
+    "outlier_m": ("allocation", "outlier_m"),
+    "owl_lambda": ("allocation", "owl_lambda"),
+    "allocation_spread": ("allocation", "spread"),
+    "allocation_points": ("allocation", "points"),
+    "allocation_estimate": ("allocation", "estimate"),
 }
 
 
@@ -172,6 +210,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for text, ppl in report["perplexity"].items():
         before = "n/a" if ppl["before"] is None else f"{ppl['before']:.4f}"
         print(f"perplexity on {text}: {before} -> {ppl['after']:.4f}")
+    if report.get("zero_shot"):
+        from jprune.zeroshot import format_change
+
+        print("\n".join(format_change(report["zero_shot"])))
     out = run.config.output.out
     if out:
         import jax
@@ -204,6 +246,9 @@ def add_prune_parser(sub) -> None:
         "replays its run); flags given on the command line override the file.",
     )
     _target_flags(pr.add_argument_group("what to prune"))
+    _allocation_flags(
+        pr.add_argument_group("layer-wise sparsity allocation (unstructured --sparsity)")
+    )
     _data_flags(pr.add_argument_group("calibration and evaluation"))
     _engine_flags(pr.add_argument_group("engine"))
     _output_flags(pr.add_argument_group("output"))
@@ -270,6 +315,49 @@ def _target_flags(group) -> None:
     )
 
 
+def _allocation_flags(group) -> None:
+    group.add_argument(
+        "--allocation",
+        choices=("uniform", "owl", "optimal"),
+        help="how the global budget of zeros is shared among the linears: uniform (every layer at "
+        "--sparsity, default), owl (outlier-weighted, Yin et al. 2023: blocks with more Wanda-score "
+        "outliers keep more weights), optimal (per-layer sparsities minimising the summed estimated "
+        "relative error, solved exactly with a certificate); the global count of zeros is the "
+        "uniform one in every case; N:M patterns and structured methods refuse it",
+    )
+    group.add_argument(
+        "--outlier-m",
+        type=float,
+        metavar="M",
+        help="owl: a score is an outlier above M times its block's mean score (default: 5)",
+    )
+    group.add_argument(
+        "--owl-lambda",
+        type=float,
+        metavar="LAMBDA",
+        help="owl: block sparsities spread within +-LAMBDA around --sparsity (default: 0.08)",
+    )
+    group.add_argument(
+        "--allocation-spread",
+        type=float,
+        metavar="S",
+        help="optimal: each layer's error is measured at sparsities within +-S of --sparsity "
+        "(default: 0.1)",
+    )
+    group.add_argument(
+        "--allocation-points",
+        type=int,
+        metavar="K",
+        help="optimal: sparsities measured per layer, odd (default: 5)",
+    )
+    group.add_argument(
+        "--allocation-estimate",
+        choices=("obs", "mask"),
+        help="optimal: the layer error estimate, obs (sum of OBS single-weight errors "
+        "w^2/[H^-1]_jj, default) or mask (the exact error of the Wanda mask with no update)",
+    )
+
+
 def _data_flags(group) -> None:
     group.add_argument("--calib", help="calibration text file (required)")
     group.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
@@ -286,6 +374,7 @@ def _data_flags(group) -> None:
     group.add_argument(
         "--eval-seqlen", type=int, help="window length for --eval (default: --seqlen)"
     )
+    _task_flags(group)  # zero-shot accuracy before and after, into report.json
 
 
 def _engine_flags(group) -> None:
@@ -363,6 +452,67 @@ def _output_flags(group) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from jprune.report import plot_layers, read_report, render_table, summary_rows
+
+    report = read_report(args.out_dir)
+    print(render_table(summary_rows(report)))
+    if args.plot:
+        print(f"wrote {plot_layers(report, args.plot)}")
+    return 0
+
+
+def add_report_parser(sub) -> None:
+    rp = sub.add_parser(
+        "report",
+        help="summarize a pruning run's report.json (and plot its layers)",
+        description="Print a summary table of a jprune prune output's report.json (method, settings, "
+        "perplexities and accuracies before -> after, time, memory) and, with --plot, draw per-layer "
+        "sparsity, relative reconstruction error and solver certificate against depth, one line per "
+        "linear role (needs matplotlib: pip install 'jprune[report]').",
+    )
+    rp.add_argument(
+        "out_dir", metavar="OUT_DIR", help="a jprune prune output directory (or its report.json)"
+    )
+    rp.add_argument("--plot", metavar="FILE.png", help="write the per-layer figure to this file")
+    rp.set_defaults(func=cmd_report)
+
+
+def _task_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"no task names in {text!r}")
+    return names
+
+
+def _task_flags(group) -> None:
+    group.add_argument(
+        "--tasks",
+        type=_task_names,
+        metavar="NAME[,NAME...]",
+        help="lm-evaluation-harness tasks to report accuracy on (lm-eval's names, e.g. "
+        "boolq,arc_easy, or tasks of --include-path); needs pip install 'jprune[eval]' and each "
+        "task's dataset (downloaded, cached, or a local file)",
+    )
+    group.add_argument(
+        "--include-path",
+        metavar="DIR",
+        help="--tasks: a folder of lm-eval task YAMLs, searched besides lm-eval's own",
+    )
+    group.add_argument(
+        "--num-fewshot",
+        type=int,
+        metavar="K",
+        help="--tasks: examples in each prompt (default: each task's own, 0 for most)",
+    )
+    group.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="--tasks: at most N documents per task (default: all)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jprune",
@@ -372,8 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="perplexity of a model on a text",
-        description="Perplexity of an HF model directory on a text file, under the protocol of METHODS.md: the whole text tokenized once, non-overlapping windows, remainder dropped.",
+        help="perplexity of a model on a text, or its accuracy on lm-eval tasks",
+        description="Perplexity of an HF model directory on a text file, under the protocol of METHODS.md: the whole text tokenized once, non-overlapping windows, remainder dropped. "
+        "With --tasks instead of --text: lm-evaluation-harness tasks (needs pip install 'jprune[eval]') scored by jprune's JAX forward, the model loaded whole.",
     )
     ev.add_argument(
         "--model",
@@ -382,9 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--text",
-        required=True,
         help="text file to evaluate on, or a named dataset (wikitext2, c4) when online",
     )
+    _task_flags(ev)
     ev.add_argument(
         "--seqlen",
         type=int,
@@ -392,7 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per window (default: min(max_position_embeddings, 2048))",
     )
     ev.add_argument(
-        "--batch-size", type=int, default=8, help="windows per forward pass (default: 8)"
+        "--batch-size",
+        type=int,
+        default=8,
+        help="windows (with --tasks: requests) per forward pass (default: 8)",
     )
     ev.add_argument(
         "--dtype",
@@ -403,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (perplexity, tokens, seqlen, ...) instead of a sentence",
+        help="print one JSON object (perplexity, tokens, seqlen, ...; with --tasks lm-eval's results) instead of a sentence",
     )
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
@@ -425,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.set_defaults(func=cmd_convert)
 
     add_prune_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

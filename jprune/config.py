@@ -41,6 +41,38 @@ class TargetConfig:
     )
 
 
+ALLOCATIONS = ("uniform", "owl", "optimal")
+ERROR_ESTIMATES = ("obs", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationConfig:
+    """How the global budget of zeros is shared among the linears (``jprune.allocation``)."""
+
+    method: str = option("uniform", "layer-wise sparsity allocation", choices=ALLOCATIONS)
+    outlier_m: float = option(
+        5.0, "owl: outliers are scores above M times the block mean", low=0, low_open=True
+    )
+    owl_lambda: float = option(
+        0.08, "owl: block sparsities spread within +-lambda of the target", low=0, high=0.5
+    )
+    spread: float = option(
+        0.1,
+        "optimal: layer sparsities measured within +-spread of the target",
+        low=0,
+        high=0.5,
+        low_open=True,
+    )
+    points: int = option(
+        5, "optimal: sparsities measured per layer (odd, the target in the middle)", low=3
+    )
+    estimate: str = option(
+        "obs",
+        "optimal: layer error estimate, OBS (w^2/[H^-1]_jj) or the mask's own",
+        choices=ERROR_ESTIMATES,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
     text: str = option("", "calibration text file")
@@ -69,6 +101,10 @@ class EvaluationConfig:
     texts: tuple[str, ...] = option((), "texts to report perplexity on before and after")
     seqlen: int | None = option(None, "evaluation window length (none: the calibration's)", low=1)
     dense: bool = option(True, "also evaluate the dense model (false: reported as null)")
+    tasks: tuple[str, ...] = option((), "lm-eval tasks to report accuracy on before and after")
+    include_path: str | None = option(None, "a folder of lm-eval task YAMLs for tasks")
+    num_fewshot: int | None = option(None, "tasks: examples per prompt (none: the task's)", low=0)
+    limit: int | None = option(None, "tasks: at most this many documents per task", low=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +117,7 @@ class OutputConfig:
 SECTIONS = {
     "model": ModelConfig,
     "target": TargetConfig,
+    "allocation": AllocationConfig,
     "calibration": CalibrationConfig,
     "engine": EngineConfig,
     "evaluation": EvaluationConfig,
@@ -94,6 +131,7 @@ class PruneConfig:
     target: TargetConfig
     calibration: CalibrationConfig
     engine: EngineConfig = EngineConfig()
+    allocation: AllocationConfig = AllocationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
 
@@ -138,9 +176,11 @@ class PruneConfig:
         out: str | os.PathLike | None = None,
         force: bool = False,
         resume: bool = False,
+        allocation: Mapping[str, Any] | None = None,
         **engine: Any,
     ) -> PruneConfig:
-        """A configuration from flat keywords (``engine``: the ``EngineConfig`` fields)."""
+        """A configuration from flat keywords (``engine``: the ``EngineConfig`` fields;
+        ``allocation``: the ``AllocationConfig`` fields, e.g. ``{"method": "owl"}``)."""
         return cls.from_dict(
             {
                 "model": {"path": str(model), "dtype": dtype},
@@ -158,6 +198,7 @@ class PruneConfig:
                     "seed": seed,
                 },
                 "engine": engine,
+                "allocation": dict(allocation or {}),
                 "evaluation": {
                     "texts": [str(t) for t in eval_texts],
                     "seqlen": eval_seqlen,
@@ -277,8 +318,21 @@ def resolve(config: PruneConfig) -> Run:
         and not (isinstance(engine.mesh, int) and engine.mesh >= 1)
     ):
         raise JpruneError(f"mesh must be a device count >= 1 or 'auto', got {engine.mesh!r}")
+    from jprune.allocation import check_allocation
+
+    check_allocation(config.allocation, method, target)
     intra_block = method.intra_block if engine.intra_block is None else engine.intra_block
     check_engine_options(method, intra_block, engine.batch_size, engine.row_blocks, 1)
+    evaluation = config.evaluation
+    if not evaluation.tasks:
+        for key in ("include_path", "num_fewshot", "limit"):
+            if getattr(evaluation, key) is not None:
+                raise JpruneError(f"evaluation.{key} is for evaluation.tasks (--tasks)")
+    else:
+        from jprune.zeroshot import require_lm_eval, task_spec
+
+        task_spec(config.evaluation).check()
+        require_lm_eval()
     out = config.output.out
     if out is not None and Path(out).exists() and not config.output.force:
         raise JpruneError(f"output {out!r} already exists (use --force to replace it)")

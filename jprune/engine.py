@@ -47,6 +47,7 @@ from jax.sharding import Mesh
 from jprune import memory
 from jprune.blocks import BlockState, InMemoryBlocks, as_blocks
 from jprune.config import check_engine_options
+from jprune.converters.spec import linear_input
 from jprune.errors import JpruneError
 from jprune.methods import LayerProblem, Method
 from jprune.methods.base import STATISTICS, UnitContext
@@ -397,9 +398,9 @@ def memory_bound(shapes: Mapping[str, Any], spec, stream_bytes: int, streams: in
             per_block[block] = per_block.get(block, 0) + int(np.prod(s.shape))
             if name.endswith(".weight") and len(s.shape) == 2:
                 largest = max(largest, int(np.prod(s.shape)))
-                role = name.split(".")[2]
-                if role in LINEAR_INPUTS:
-                    inputs.setdefault(block, {})[LINEAR_INPUTS[role]] = s.shape[1]
+                role = name.removeprefix(f"layers.{block}.").removesuffix(".weight")
+                if role.split(".")[-1] in LINEAR_INPUTS:
+                    inputs.setdefault(block, {})[linear_input(role)] = s.shape[1]
     total += 3 * 4 * max(per_block.values(), default=0)
     grams = max((sum(d * d for d in taps.values()) for taps in inputs.values()), default=0)
     total += 3 * 4 * grams + 6 * 4 * largest
@@ -430,13 +431,13 @@ def _flat_params(state) -> dict[str, jax.Array]:
 def _set_param(state, name: str, value: jax.Array) -> None:
     node = state
     for key in name.split("."):
-        node = node[key]
+        node = node[int(key) if key.isdigit() else key]  # list entries (experts) have int keys
     node.set_value(value)
 
 
 def _record(result, stats, seconds, name, block, held) -> dict[str, Any]:
     """The per-unit record every method gets (``channels`` is null unless structured)."""
-    tap = stats[LINEAR_INPUTS[result.linear]]
+    tap = stats[linear_input(result.linear)]
     cross = tap.get("cross") if "dense" in tap else None
     error, reference = reconstruction_error(
         result.weight, result.weight0, tap["gram"], cross, tap.get("dense", tap["gram"])
@@ -475,14 +476,16 @@ class _Job(NamedTuple):
     hf_names: Callable[[str], str] | None
     solve_rows: Callable[..., Any]
     mesh: Mesh | None
+    layer_targets: Mapping[str, Any] | None = None  # "layers.3.q" -> its own pattern
 
 
 def _prune_stage(job: _Job, index, stage, state, stats, held, changed) -> list[dict[str, Any]]:
     """Solve a stage's units in order, writing each one's parameters into ``state``."""
     records = []
     for unit in stage.units:
+        target = (job.layer_targets or {}).get(f"layers.{index}.{unit}", job.target)
         context = UnitContext(
-            job.spec, index, _flat_params(state), stats, job.target, job.method_options,
+            job.spec, index, _flat_params(state), stats, target, job.method_options,
             job.num_tokens, job.spec.num_layers, job.hf_names or str, job.solve_rows,
         )  # fmt: skip
         started = time.perf_counter()
@@ -536,6 +539,7 @@ def prune_model(
     hf_config: Mapping[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     hf_names: Callable[[str], str] | None = None,
+    layer_targets: Mapping[str, Any] | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` with ``method`` at ``target`` (a Pattern, or ``structured.Channels``).
 
@@ -544,7 +548,8 @@ def prune_model(
     finished block handed to its ``store`` and dropped). ``calibration`` is (nsamples, seqlen)
     token ids. ``progress(stage, block, num_blocks)`` is called as work advances (the CLI draws
     a bar from it). ``hf_names`` maps canonical layer names (``layers.0.q``) to the names shown
-    in the report.
+    in the report. ``layer_targets``: canonical linear name (``layers.3.q``) -> the pattern it
+    gets instead of ``target`` (a layer-wise allocation, ``jprune.allocation``).
     """
     blocks = as_blocks(model)
     program = method.program
@@ -564,8 +569,9 @@ def prune_model(
         return _solve_layer(layer, problem, pattern, layer_options, options)
 
     job = _Job(
-        program, spec, target, method_options, int(calibration.size), hf_names, solve_rows, mesh
-    )
+        program, spec, target, method_options, int(calibration.size), hf_names, solve_rows, mesh,
+        layer_targets,
+    )  # fmt: skip
     block_memory = []
     for index in range(start, spec.num_layers):
         memory.reset_peak()

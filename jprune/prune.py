@@ -21,6 +21,7 @@ from typing import Any
 import jax
 
 from jprune import memory
+from jprune.allocation import allocate
 from jprune.blocks import CheckpointBlocks
 from jprune.config import PruneConfig, Run, check_engine_options, resolve
 from jprune.converters.hf import (
@@ -28,6 +29,7 @@ from jprune.converters.hf import (
     Checkpoint,
     dtype_name,
     export_config,
+    fused_groups,
     hf_name_map,
     write_metadata,
 )
@@ -45,8 +47,16 @@ __all__ = ["JpruneError", "PruneConfig", "Run", "prune", "resolve"]
 
 
 def _layer_hf_name(spec) -> Callable[[str], str]:
+    """Canonical layer -> the HF name shown for it (``qkv_proj[q]`` inside a fused tensor)."""
     names = hf_name_map(spec)
-    return lambda canonical: names[f"{canonical}.weight"].removesuffix(".weight")
+    fused = fused_groups(names)
+
+    def shown(canonical: str) -> str:
+        theirs = names[f"{canonical}.weight"]
+        role = f"[{canonical.rsplit('.', 1)[-1]}]" if theirs in fused else ""
+        return theirs.removesuffix(".weight") + role
+
+    return shown
 
 
 def prune(config: PruneConfig | Run, progress: ProgressFn | None = None) -> dict[str, Any]:
@@ -132,6 +142,40 @@ def _perplexities(model, evaluations, batch_size, label, progress) -> dict[str, 
     return result
 
 
+def _zero_shot(path, run: Run, manager, label, progress):
+    """lm-eval accuracies of the checkpoint at ``path`` (loaded whole), or None without tasks."""
+    from jprune.zeroshot import evaluate_tasks, task_spec
+
+    spec = task_spec(run.config.evaluation)
+    if spec is None:
+        return None
+    from jprune.converters.hf import load_model
+
+    if progress is not None:
+        progress(f"zero-shot {label}", 0, 1)
+    model, _ = load_model(path, run.config.model.dtype)
+    result = evaluate_tasks(
+        model, load_tokenizer(path), spec, batch_size=run.config.engine.batch_size, manager=manager
+    )
+    return result.as_dict()
+
+
+def _check_tasks(run: Run):
+    """lm-eval's task manager with every task and dataset found, before any model work; the
+    zero-shot evaluation runs in one process (it is refused on several)."""
+    from jprune.zeroshot import check_tasks, task_spec
+
+    spec = task_spec(run.config.evaluation)
+    if spec is None:
+        return None
+    if jax.process_count() > 1:
+        raise JpruneError(
+            "evaluation.tasks (--tasks) runs in one process: evaluate the pruned checkpoint "
+            "with jprune eval --tasks after a multi-host run"
+        )
+    return check_tasks(spec)
+
+
 def _machine(engine: EngineOptions) -> dict[str, Any]:
     return {
         "platform": platform.platform(),
@@ -197,6 +241,7 @@ def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
     checkpoint = Checkpoint(config.model.path, config.model.dtype)  # headers only
     _check_model(run, checkpoint)
     calibration, evaluations = _texts(run)
+    tasks = _check_tasks(run)
     baseline = memory.current()  # the runtime and tokenizer, before any weights
     writer = jax.process_index() == 0
     staging = _open_staging(run, writer)
@@ -209,7 +254,7 @@ def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
             engine,
             checkpoint,
             staging,
-            (calibration, evaluations),
+            (calibration, evaluations, tasks),
             started,
             baseline,
         )
@@ -225,20 +270,37 @@ def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
 
 def _prune_into(run, progress, engine, checkpoint, staging, texts, started, baseline):
     config, method, target = run.config, run.method, run.target
-    calibration, evaluations = texts
+    calibration, evaluations, tasks = texts
     writer = staging.writer
     batch = engine.batch_size
     before = staging.recall("perplexity_before") or dict.fromkeys(evaluations)
     if config.evaluation.dense and any(before.get(t) is None for t in evaluations):
         before = _perplexities(checkpoint, evaluations, batch, "dense", progress)
         staging.remember("perplexity_before", before)
+    zero_shot_before = None
+    if tasks is not None and config.evaluation.dense:
+        # a resumed run reuses the dense accuracies only when they were for the same tasks
+        recalled = staging.recall("zero_shot_before") or {}
+        if recalled.get("evaluation") == config.to_dict()["evaluation"]:
+            zero_shot_before = recalled["result"]
+        else:
+            zero_shot_before = _zero_shot(config.model.path, run, tasks, "dense", progress)
+            staging.remember(
+                "zero_shot_before",
+                {"evaluation": config.to_dict()["evaluation"], "result": zero_shot_before},
+            )
     prune_started = time.perf_counter()
+    allocation = allocate(
+        CheckpointBlocks(checkpoint), calibration, target, config.allocation, engine, staging,
+        progress,
+    )  # fmt: skip
     blocks = CheckpointBlocks(
         checkpoint, BlockShards(staging.path, checkpoint.spec) if writer else None, staging
     )
     outcome = prune_model(
         blocks, calibration, method, target, run.method_options, engine,
         hf_config=checkpoint.config, progress=progress, hf_names=_layer_hf_name(checkpoint.spec),
+        layer_targets=allocation.patterns,
     )  # fmt: skip
     prune_seconds = time.perf_counter() - prune_started
     if writer:
@@ -246,6 +308,7 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
     _barrier("jprune: checkpoint written")
     pruned = Checkpoint(staging.path)
     after = _perplexities(pruned, evaluations, batch, "pruned", progress)
+    zero_shot_after = _zero_shot(staging.path, run, tasks, "pruned", progress)
     eval_len = config.evaluation.seqlen or config.calibration.seqlen
     report = {
         "model": config.model.path,
@@ -259,6 +322,10 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
             for name in evaluations
         },
         "summary": summarize(outcome.records),
+        "allocation": allocation.report,
+        "zero_shot": None
+        if tasks is None
+        else {"before": zero_shot_before, "after": zero_shot_after},
         "parameters": pruned.parameter_count,
         "parameters_before": checkpoint.parameter_count,
         "prune_seconds": prune_seconds,

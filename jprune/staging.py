@@ -38,7 +38,7 @@ MANIFEST = "jprune-run.json"
 PROGRESS = "jprune-progress.json"
 JOURNAL_FORMAT = 1
 # The settings the pruned tensors depend on (evaluation and output do not change them).
-PRUNING_SECTIONS = ("model", "target", "calibration", "engine")
+PRUNING_SECTIONS = ("model", "target", "allocation", "calibration", "engine")
 
 
 def staging_path(out: str | os.PathLike) -> Path:

@@ -158,6 +158,11 @@ def check_target(spec, arrays, sparsity: float, options: WandaSPOptions, family_
     """Refuse, before any work, ratios that leave no channel and widths that cannot be exported."""
     if not 0 <= sparsity < 1:
         raise JpruneError(f"structured sparsity must be in [0, 1), got {sparsity}")
+    if spec.num_experts:
+        raise JpruneError(
+            f"structured pruning of {spec.family}'s experts is not implemented (their channels "
+            "are not coupled across experts yet): use an unstructured or N:M method"
+        )
     ratios = layer_sparsities(sparsity, spec.num_layers, options)
     per_layer_widths = options.attention or len(set(ratios)) > 1
     if per_layer_widths and family_config.get("model_type") not in ("llama", "jprune_llama"):

@@ -22,7 +22,15 @@ from ._admm import admm_solve, factorize
 from ._fista import fista, lasso_certificate, run_lasso
 from ._info import Result, SolverInfo, finite_rows
 from ._quadratic import compute_dtype
-from ._sparsity import NM, Pattern, check_pattern_fits, project_pattern, row_separable
+from ._sparsity import (
+    NM,
+    Pattern,
+    check_pattern_fits,
+    project_pattern,
+    pruned_in_matrix,
+    pruned_per_row,
+    row_separable,
+)
 
 
 class LamSearchInfo(NamedTuple):
@@ -44,8 +52,9 @@ def _feasible(W: jax.Array, pattern: Pattern) -> jax.Array:
         groups = nonzero.reshape(d_out, d_in // pattern.m, pattern.m).sum(-1)
         return jnp.all(groups >= pattern.n, axis=-1)
     if pattern.scope == "row":
-        return nonzero.sum(-1) >= d_in - math.floor(pattern.sparsity * d_in)
-    keep = W.size - math.floor(pattern.sparsity * W.size)
+        keep = d_in - pruned_per_row(pattern, W.shape)
+        return nonzero.sum(-1) >= jnp.asarray(keep, jnp.int32)
+    keep = W.size - pruned_in_matrix(pattern, W.shape)
     return jnp.broadcast_to(nonzero.sum() >= keep, (d_out,))
 
 

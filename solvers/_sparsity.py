@@ -5,6 +5,10 @@ A pattern says which entries of a (d_out, d_in) weight matrix may stay nonzero:
 * ``Unstructured(sparsity, scope="row")``: every row keeps ``d_in - floor(sparsity * d_in)``
   entries (the Wanda / SparseGPT per-output comparison group).
 * ``Unstructured(sparsity, scope="matrix")``: the matrix keeps ``size - floor(sparsity * size)``.
+* ``Unstructured(sparsity, scope, count=c)``: exactly ``c`` zeros in the matrix (a layer-wise
+  allocation's integer budget; ``sparsity`` is then ``c / size``, for display). Per row, each
+  row prunes ``c // d_out`` and the first ``c % d_out`` rows one more, so rows differ by at
+  most one; per matrix, ``c`` over the whole matrix.
 * ``NM(n, m)``: at most ``n`` nonzeros in every ``m`` consecutive inputs of a row (2:4 keeps 2 of 4).
 
 Counts are exact. Ties are broken deterministically: among equal scores the entry with the
@@ -18,14 +22,37 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Unstructured(NamedTuple):
     sparsity: float
     scope: Literal["row", "matrix"] = "row"
+    count: int | None = None  # exact zeros in the matrix (None: from ``sparsity``)
 
     def __str__(self) -> str:
-        return f"{self.sparsity:g} unstructured per {self.scope}"
+        exact = "" if self.count is None else f" ({self.count} zeros)"
+        return f"{self.sparsity:g} unstructured per {self.scope}{exact}"
+
+
+def pruned_per_row(pattern: Unstructured, shape: tuple[int, int]) -> np.ndarray:
+    """Zeros each row of a (d_out, d_in) matrix gets under a per-row ``pattern``, (d_out,)."""
+    d_out, d_in = shape
+    if pattern.count is None:
+        return np.full(d_out, math.floor(pattern.sparsity * d_in), np.int64)
+    if not 0 <= pattern.count <= d_out * d_in:
+        raise ValueError(f"cannot prune {pattern.count} of {d_out * d_in} weights")
+    base, extra = divmod(pattern.count, d_out)
+    return base + (np.arange(d_out) < extra).astype(np.int64)
+
+
+def pruned_in_matrix(pattern: Unstructured, shape: tuple[int, int]) -> int:
+    """Zeros of a (d_out, d_in) matrix under an unstructured ``pattern`` (either scope)."""
+    if pattern.scope == "row":
+        return int(pruned_per_row(pattern, shape).sum())
+    if pattern.count is not None:
+        return pattern.count
+    return math.floor(pattern.sparsity * (shape[0] * shape[1]))
 
 
 class NM(NamedTuple):
@@ -84,9 +111,7 @@ def num_pruned(pattern: Pattern, shape: tuple[int, int]) -> int:
     if isinstance(pattern, NM):
         check_pattern_fits(pattern, shape)
         return d_out * (d_in // pattern.m) * (pattern.m - pattern.n)
-    if pattern.scope == "row":
-        return d_out * math.floor(pattern.sparsity * d_in)
-    return math.floor(pattern.sparsity * (d_out * d_in))
+    return pruned_in_matrix(pattern, shape)
 
 
 def _order_keys(scores: jax.Array) -> jax.Array:
@@ -159,8 +184,11 @@ def keep_mask(scores: jax.Array, pattern: Pattern) -> jax.Array:
             return _nm_keep(groups, pattern.n).reshape(d_out, d_in)
         return topk_mask(groups, pattern.n).reshape(d_out, d_in)
     if pattern.scope == "row":
-        return topk_mask(scores, d_in - math.floor(pattern.sparsity * d_in))
-    keep = scores.size - math.floor(pattern.sparsity * scores.size)
+        if pattern.count is None:  # one count for every row: a Python int, as before
+            return topk_mask(scores, d_in - math.floor(pattern.sparsity * d_in))
+        keep = d_in - pruned_per_row(pattern, scores.shape)
+        return topk_mask(scores, jnp.asarray(keep, jnp.int32)[:, None])
+    keep = scores.size - pruned_in_matrix(pattern, scores.shape)
     return topk_mask(scores.reshape(1, -1), keep).reshape(d_out, d_in)
 
 

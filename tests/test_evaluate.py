@@ -60,7 +60,21 @@ def test_stories260k_perplexity_matches_transformers(stories):
     assert np.exp(ours.mean_nll) == pytest.approx(ours.perplexity, rel=1e-12)
 
 
-@pytest.mark.parametrize("arch", ["opt-project", "llama3-gqa"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "opt-project",
+        "llama3-gqa",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "qwen3-moe",
+        "mixtral",
+    ],
+)
 def test_zoo_perplexity_matches_transformers(zoo, arch):
     model, config = load_model(zoo[arch])
     windows = np.random.default_rng(3).integers(0, config["vocab_size"], (5, 200)).astype(np.int32)

@@ -37,9 +37,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jprune.converters.spec import LINEAR_INPUTS, block_linear_names
+from jprune.converters.spec import block_linear_names, linear_input
 from jprune.errors import JpruneError
 from jprune.options import describe, parse_fields
 from jprune.sharding import to_host
@@ -184,6 +185,19 @@ class Method:
         return self.layer(problem, pattern, options)
 
 
+UNROUTED_FALLBACK = "no calibration token routed to this expert: identity Gram (magnitude)"
+
+
+def unrouted_expert_problem(problem: LayerProblem) -> LayerProblem:
+    """An expert no calibration token was routed to has all-zero Grams: nothing says which
+    weights matter, and the solvers' damping is relative to a zero diagonal. It is pruned from
+    the identity Gram instead, which makes every method keep the largest |W| (the report names
+    the fallback); experts with a few routed tokens keep their own Grams and the methods'
+    damping."""
+    identity = jnp.eye(problem.gram.shape[0], dtype=problem.gram.dtype)
+    return problem._replace(gram=identity, cross_gram=None, num_tokens=max(problem.num_tokens, 1))
+
+
 class LinearProgram:
     """Each linear is pruned on its own from its Grams by a layer function.
 
@@ -202,15 +216,16 @@ class LinearProgram:
         if not intra_block:
             groups = [names]
         else:
-            mlp_in = tuple(n for n in names if LINEAR_INPUTS[n] == "mlp_in")
-            groups = [("q", "k", "v"), ("o",), mlp_in, ("down",)]
+            mlp_in = tuple(n for n in names if linear_input(n).endswith("mlp_in"))
+            down = tuple(n for n in names if linear_input(n).endswith("down_in"))
+            groups = [("q", "k", "v"), ("o",), mlp_in, down]
         return [
-            Stage(group, {tap: wanted for tap in sorted({LINEAR_INPUTS[n] for n in group})})
+            Stage(group, {tap: wanted for tap in sorted({linear_input(n) for n in group})})
             for group in groups
         ]
 
     def solve(self, role: str, context: UnitContext) -> UnitResult:
-        stats = context.stats[LINEAR_INPUTS[role]]
+        stats = context.stats[linear_input(role)]
         weight0 = context.params[f"{role}.weight"]
         problem = LayerProblem(
             weight=weight0.astype("float32"),
@@ -219,7 +234,12 @@ class LinearProgram:
             num_tokens=context.num_tokens,
             name=f"layers.{context.block}.{role}",
         )
+        unrouted = role.startswith("experts.") and float(jnp.trace(stats["gram"])) == 0.0
+        if unrouted:
+            problem = unrouted_expert_problem(problem)
         weight, info = context.solve_rows(self.layer, problem, context.target, context.options)
+        if unrouted:
+            info = {**info, "fallback": UNROUTED_FALLBACK}
         return UnitResult(
             {f"{role}.weight": weight.astype(weight0.dtype)}, role, role, weight, weight0, info
         )

@@ -78,8 +78,12 @@ def block_budgets(scores: jax.Array, pattern: Pattern, blocksize: int) -> jax.Ar
         pruned = ~keep_mask(scores, pattern)
         counts = [pruned[:, start:end].sum(axis=1) for start, end in bounds]
         return jnp.stack(counts).astype(jnp.int32)
-    # Same float expression as ``keep_mask`` at the last column, so the totals agree exactly.
-    cumulative = [0] + [math.floor(pattern.sparsity * (d_out * end)) for _, end in bounds]
+    # Same float expression as ``keep_mask`` at the last column, so the totals agree exactly;
+    # an exact count is spread over the blocks in proportion to their widths.
+    if pattern.count is None:
+        cumulative = [0] + [math.floor(pattern.sparsity * (d_out * end)) for _, end in bounds]
+    else:
+        cumulative = [0] + [pattern.count * end // d_in for _, end in bounds]
     return jnp.asarray([[b - a] for a, b in pairwise(cumulative)], jnp.int32)
 
 

@@ -1,0 +1,162 @@
+"""Layer-wise sparsity allocation: uniform vs owl vs optimal, per model, method and sparsity.
+
+Every run prunes the same global count of zeros (the uniform pattern's); only how it is shared
+among the decoder linears differs. Calibration: stories-mini on `tinystories_calib.txt`,
+smollm2-135m on `wikitext2_valid.txt` (``--nsamples`` x ``--seqlen``, seed 0). Perplexity at
+seqlen 512 on `tinystories_eval.txt` (all windows) and on the first ``--wikitext-windows``
+windows of `wikitext2_raw_test.txt`.
+
+Results go to ``bench/allocation_results.json`` (one entry per run; a rerun skips the runs
+already there) and to the ``## Allocation`` section of ``bench/RESULTS.md``.
+
+    .venv/bin/python bench/allocation.py --models stories-mini
+    .venv/bin/python bench/allocation.py --models smollm2-135m --methods wanda sparsegpt --targets 0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import jprune.prune as jp
+from jprune.config import PruneConfig
+from jprune.converters.hf import load_model
+from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
+from jprune.evaluate import perplexity
+
+from common import ASSETS, BENCH, RESULTS_MD, ROOT, machine, write_section
+
+MODELS = {
+    "stories-mini": (ASSETS / "models" / "stories-mini", ASSETS / "text" / "tinystories_calib.txt"),
+    "smollm2-135m": (ROOT.parent / "main" / ".cache" / "smollm2-135m", ASSETS / "text" / "wikitext2_valid.txt"),
+}  # fmt: skip
+TEXTS = {
+    "tinystories": ASSETS / "text" / "tinystories_eval.txt",
+    "wikitext2": ASSETS / "text" / "wikitext2_raw_test.txt",
+}
+ALLOCATIONS = ("uniform", "owl", "optimal")
+METHODS = ("wanda", "sparsegpt", "fista")
+RESULTS_JSON = BENCH / "allocation_results.json"
+SECTION = "## Allocation"
+
+
+def evaluate(model_dir: Path, windows: int) -> dict[str, float]:
+    model, _ = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    out = {}
+    for name, text in TEXTS.items():
+        w = eval_windows(tokenize(tokenizer, read_text(text)), 512)
+        w = w[:windows] if name == "wikitext2" else w
+        out[name] = perplexity(model, w, batch_size=8).perplexity
+    return out
+
+
+def run_one(model: str, method: str, target: float, allocation: str, args) -> dict:
+    path, calib = MODELS[model]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pruned"
+        report = jp.prune(
+            PruneConfig.of(
+                path, method, sparsity=target, calib=calib, nsamples=args.nsamples,
+                seqlen=args.seqlen, seed=0, out=out, allocation={"method": allocation},
+            )
+        )  # fmt: skip
+        entry = {
+            "model": model, "method": method, "target": target, "allocation": allocation,
+            "ppl": evaluate(out, args.wikitext_windows),
+            "sparsity": report["summary"]["sparsity"],
+            "relative_error_sum": report["summary"]["relative_error_sum"],
+            "prune_seconds": report["prune_seconds"],
+        }  # fmt: skip
+        certificate = report["allocation"].get("certificate")
+        if certificate:
+            entry["certificate"] = certificate
+        if args.keep_report and model == "smollm2-135m":
+            keep = BENCH / f"allocation-{model}-{method}-{target}-{allocation}.report.json"
+            keep.write_text(json.dumps(report, indent=1) + "\n")
+    return entry
+
+
+def render(results: list[dict], args) -> str:
+    lines = [
+        SECTION,
+        "",
+        f"Machine: {machine()}. Every run prunes the uniform pattern's count of zeros "
+        "(the sparsity column is the achieved global figure over all decoder linears); owl: "
+        "M = 5, lambda = 0.08; optimal: 5 sparsities per layer within +-0.1 of the target, "
+        f"OBS error estimate. Calibration {args.nsamples} x {args.seqlen} tokens, seed 0 "
+        "(stories-mini: `tinystories_calib.txt`; smollm2-135m: `wikitext2_valid.txt`). "
+        "Perplexity at seqlen 512: tiny = `tinystories_eval.txt` (all windows), wiki* = the "
+        f"first {args.wikitext_windows} windows of `wikitext2_raw_test.txt`. "
+        "Each cell: tiny / wiki* (pruning seconds).",
+        "",
+        "```",
+        "    .venv/bin/python bench/allocation.py " + " ".join(sys.argv[1:]),
+        "```",
+        "",
+    ]
+    for model in MODELS:
+        rows = [r for r in results if r["model"] == model]
+        if not rows:
+            continue
+        lines += [f"### {model}", ""]
+        cols = [(m, t) for t in (0.6, 0.7) for m in METHODS]
+        lines.append("| allocation | " + " | ".join(f"{m} {t:g}" for m, t in cols) + " |")
+        lines.append("|---" * (len(cols) + 1) + "|")
+        for allocation in ALLOCATIONS:
+            cells = []
+            for method, target in cols:
+                r = next(
+                    (
+                        r
+                        for r in rows
+                        if (r["method"], r["target"], r["allocation"])
+                        == (method, target, allocation)
+                    ),
+                    None,
+                )
+                cells.append(
+                    "not run"
+                    if r is None
+                    else f"{r['ppl']['tinystories']:.2f} / {r['ppl']['wikitext2']:.2f} "
+                    f"({r['prune_seconds']:.0f} s)"
+                )
+            lines.append(f"| {allocation} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.7])
+    parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=ALLOCATIONS)
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--wikitext-windows", type=int, default=40)
+    parser.add_argument("--keep-report", action="store_true", help="keep smollm2 report.json files")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
+    done = {(r["model"], r["method"], r["target"], r["allocation"]) for r in results}
+    if not args.render_only:
+        for model in args.models:
+            for target in args.targets:
+                for method in args.methods:
+                    for allocation in args.allocations:
+                        key = (model, method, target, allocation)
+                        if key in done:
+                            continue
+                        entry = run_one(model, method, target, allocation, args)
+                        print(json.dumps(entry), flush=True)
+                        results.append(entry)
+                        RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
+    write_section(RESULTS_MD, render(results, args))
+
+
+if __name__ == "__main__":
+    main()
