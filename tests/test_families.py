@@ -31,7 +31,7 @@ from jprune.methods.base import UNROUTED_FALLBACK
 from jprune.model import apply_block, logits
 
 import hf_zoo
-from conftest import CALIB_TEXT, EVAL_TEXT, STORIES260K, prune_with
+from conftest import CALIB_TEXT, CHEAP_OPTIONS, EVAL_TEXT, STORIES260K, prune_with
 
 FAMILIES = ("qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen3-moe", "mixtral", "qwen2", "opt")
 
@@ -374,7 +374,6 @@ PRUNE_CASES = [
     for p, pattern in enumerate(("0.5", "2:4"))
     if FULL_MATRIX or (f + m + p) % 2 == 0
 ]
-CHEAP_FISTA = {"num_bisect": 4, "maxiter": 10, "pursuit_steps": 2, "pursuit_cg": 8}
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +422,7 @@ def test_pruned_family_reloads_exact(family_models, tmp_path, family, method, ta
         out=out,
         eval_texts=[eval_text],
         eval_seqlen=2 * hf_zoo.WINDOW,
-        method_options=CHEAP_FISTA if method == "fista" else {},
+        method_options=CHEAP_OPTIONS.get(method, {}),
     )
     ppl, model = _transformers_perplexity(out, eval_text, 2 * hf_zoo.WINDOW)
     assert ppl == pytest.approx(report["perplexity"][str(eval_text)]["after"], rel=1e-5)
@@ -565,7 +564,7 @@ def test_structured_mlp_pruning_exports_stock_config(family_models, tmp_path, fa
     reloads with the logits jprune computes."""
     models, _ = family_models
     out = tmp_path / "narrow"
-    options = {"num_stages": 10, "max_swaps": 5} if method == "spap" else {}
+    options = CHEAP_OPTIONS.get(method, {})
     prune_with(
         models[family],
         method,
