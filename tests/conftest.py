@@ -1,8 +1,6 @@
 import math
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,20 +17,10 @@ WIKITEXT = ASSETS / "text" / "wikitext2_raw_test.txt"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# On CPU this suite's time is mostly XLA compilation (a first stories260K prune is ~90% of it),
-# and its subprocesses (the CLI runs, the multi-device checks) compile programs this process or
-# an earlier subprocess already compiled. One persistent compilation cache per session shares
-# them: a hit loads the very executable a compile would build, so no check changes. Set before
-# JAX is imported; subprocesses inherit it. Set JAX_COMPILATION_CACHE_DIR to keep one across runs.
-_SESSION_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _SESSION_CACHE = tempfile.mkdtemp(prefix="jprune-test-xla-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _SESSION_CACHE is not None:
-        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+# A persistent XLA compilation cache shared by the session and its subprocesses cut the
+# compile-bound parts of this suite, but the clean-clone run with it died in XLA's CPU compiler
+# (a segmentation fault in backend_compile_and_load, test_solvers_contract). It stays off until
+# that is understood; JAX_COMPILATION_CACHE_DIR set by hand still enables it.
 
 
 # Where the engine or a contract is under test, not a method's quality: the optimization
