@@ -84,8 +84,9 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     ``ru_maxrss`` is no check of it: Linux carries the forking parent's peak across exec, so
     under a large pytest process it reports that process's size.)"""
     reports, sizes = {}, {}
-    # Both runs compile: loading the deeper run's programs from the session's compilation cache
-    # would spare it the compiler's own peak, and that could hide a model held whole.
+    # Both runs compile: loading the deeper run's programs from a compilation cache (one set by
+    # hand in JAX_COMPILATION_CACHE_DIR) would spare it the compiler's own peak, and that could
+    # hide a model held whole.
     uncached = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     for layers in (4, 16):
         model = _llama(tmp_path / f"llama{layers}", layers, 512, 2048, "bfloat16")
