@@ -17,10 +17,25 @@ WIKITEXT = ASSETS / "text" / "wikitext2_raw_test.txt"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. The suite compiles thousands of
+    XLA programs in one process; kept for the whole session they exhausted it: the clean-clone
+    run died in XLA's CPU compiler half way through (a segmentation fault compiling a small
+    solver, the same test twice, although it passes on its own), plausibly at the kernel's
+    limit of memory mappings (vm.max_map_count, 65530 here) that JIT-compiled code takes."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 # A persistent XLA compilation cache shared by the session and its subprocesses cut the
 # compile-bound parts of this suite, but the clean-clone run with it died in XLA's CPU compiler
-# (a segmentation fault in backend_compile_and_load, test_solvers_contract). It stays off until
-# that is understood; JAX_COMPILATION_CACHE_DIR set by hand still enables it.
+# (a segmentation fault in backend_compile_and_load, test_solvers_contract); it was not the
+# cause (the run without it died the same way), but it is left off until it is measured to pay
+# on CPU; JAX_COMPILATION_CACHE_DIR set by hand still enables it.
 
 
 # Where the engine or a contract is under test, not a method's quality: the optimization
