@@ -44,6 +44,18 @@ METHODS = {
     "wanda": ("wanda", {}),
     "sparsegpt": ("sparsegpt", {}),
     "fista": ("fista", {}),
+    # fista's defaults before issue 16 (lasso 12 x 30, pursuit, refit to d_in CG steps).
+    "fista-pursuit": (
+        "fista",
+        {
+            "num_bisect": 12,
+            "maxiter": 30,
+            "polish_iters": 0,
+            "pursuit_steps": 10,
+            "refit_iters": None,
+        },
+    ),
+    "l0-admm": ("l0-admm", {}),
     # How much upstream error fista undoes (default 0.25; 1 is the paper's dense target).
     "fista-c0": ("fista", {"correction": 0.0}),
     "fista-c0.5": ("fista", {"correction": 0.5}),
@@ -180,26 +192,27 @@ def render(results: list[dict], args) -> str:
                     )
             if found:
                 lines.append("| " + " | ".join(row) + " |")
-        ratios = []
-        for target in targets:
-            pair = [
-                next(
-                    (
-                        r
-                        for r in results
-                        if (r["model"], r["method"], r["target"]) == (model, m, target)
-                        and "ppl" in r
-                    ),
-                    None,
-                )
-                for m in ("fista", "sparsegpt")
-            ]
-            if all(pair):
-                ratios.append(
-                    f"{target}: {pair[0]['prune_seconds'] / pair[1]['prune_seconds']:.2f}x"
-                )
-        if ratios:
-            lines += ["", "fista / sparsegpt pruning time: " + ", ".join(ratios) + "."]
+        for method in ("fista", "l0-admm"):
+            ratios = []
+            for target in targets:
+                pair = [
+                    next(
+                        (
+                            r
+                            for r in results
+                            if (r["model"], r["method"], r["target"]) == (model, m, target)
+                            and "ppl" in r
+                        ),
+                        None,
+                    )
+                    for m in (method, "sparsegpt")
+                ]
+                if all(pair):
+                    ratios.append(
+                        f"{target}: {pair[0]['prune_seconds'] / pair[1]['prune_seconds']:.2f}x"
+                    )
+            if ratios:
+                lines += ["", f"{method} / sparsegpt pruning time: " + ", ".join(ratios) + "."]
         skipped = {r["skipped"] for r in results if r["model"] == model and "skipped" in r}
         for reason in sorted(skipped):
             lines += ["", f"n/a: {reason}."]

@@ -481,6 +481,9 @@ class _Job(NamedTuple):
 
 def _prune_stage(job: _Job, index, stage, state, stats, held, changed) -> list[dict[str, Any]]:
     """Solve a stage's units in order, writing each one's parameters into ``state``."""
+    # The statistics are dispatched asynchronously: wait for them here, so a unit's seconds
+    # are its solve alone, not the block's forward passes and Grams.
+    jax.block_until_ready(stats)
     records = []
     for unit in stage.units:
         target = (job.layer_targets or {}).get(f"layers.{index}.{unit}", job.target)

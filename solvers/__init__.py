@@ -20,6 +20,7 @@ from ._continuation import (
 )
 from ._fista import LassoInfo, fista
 from ._info import Result, SolverInfo, result_codes
+from ._l0_admm import L0ADMMInfo, l0_admm, unit_scale
 from ._lam_search import LamSearchInfo, lam_search
 from ._quadratic import lipschitz
 from ._sparsity import (
@@ -42,6 +43,7 @@ from ._sparsity import (
 __all__ = [
     "NM",
     "BoxQPInfo",
+    "L0ADMMInfo",
     "ContinuationInfo",
     "LamSearchInfo",
     "LassoInfo",
@@ -49,6 +51,7 @@ __all__ = [
     "SolverInfo",
     "box_qp",
     "fista",
+    "l0_admm",
     "lam_search",
     "lasso_admm",
     "lipschitz",
@@ -73,4 +76,5 @@ __all__ = [
     "result_codes",
     "row_separable",
     "topk_mask",
+    "unit_scale",
 ]

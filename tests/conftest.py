@@ -41,7 +41,8 @@ def _release_compiled_programs():
 # Where the engine or a contract is under test, not a method's quality: the optimization
 # methods' cheapest settings (the suite's time budget).
 CHEAP_OPTIONS = {
-    "fista": {"num_bisect": 4, "maxiter": 10, "pursuit_steps": 2, "pursuit_cg": 8},
+    "fista": {"num_bisect": 4, "maxiter": 6, "polish_iters": 8, "refit_iters": 8},
+    "l0-admm": {"iterations": 8, "refit_iters": 8},
     "spap": {"num_stages": 10, "max_swaps": 5},
     "optima": {"maxiter": 16},
 }

@@ -20,6 +20,7 @@ from jprune.solvers import (
     Unstructured,
     box_qp,
     fista,
+    l0_admm,
     lam_search,
     lasso_admm,
     result_codes,
@@ -64,6 +65,8 @@ SOLVERS = {
     "lam_search_admm": lambda H, C, iters=30: lam_search(
         H, C, Unstructured(0.5), num_bisect=4, maxiter=iters, solver="admm"
     ),
+    "l0_admm": lambda H, C, iters=60: l0_admm(H, C, Unstructured(0.5), maxiter=iters),
+    "l0_admm_nm": lambda H, C, iters=60: l0_admm(H, C, NM(2, 4), maxiter=iters),
     "select_columns": _drop_decision(
         lambda H, C, iters=8: select_columns(H, C, 4, num_stages=iters)
     ),

@@ -18,6 +18,7 @@ from jprune.solvers import (
     box_qp,
     fista,
     keep_mask,
+    l0_admm,
     lasso_admm,
     refit_columns,
     select_columns,
@@ -231,6 +232,20 @@ def test_select_columns_against_exhaustive_search():
     assert ours.mean() < baseline.mean(), (ours, baseline)
 
 
+def _enumerated_optimum(H, C, pattern):
+    """Per row, the least objective over every support of 4 of the 8 inputs the pattern allows
+    (2:4: two in each half)."""
+    supports = [
+        np.isin(np.arange(8), s)
+        for s in itertools.combinations(range(8), 4)
+        if isinstance(pattern, Unstructured) or (sum(j < 4 for j in s) == 2)
+    ]
+    rows = C.shape[0]
+    return np.min(
+        [objective(support_solve(H, C, np.tile(s, (rows, 1))), H, C) for s in supports], axis=0
+    )
+
+
 @pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)])
 def test_sparse_least_squares_against_exhaustive_search(pattern):
     """Exact counts, exact refit, and an error between the row optimum and Wanda + refit."""
@@ -239,14 +254,7 @@ def test_sparse_least_squares_against_exhaustive_search(pattern):
         for seed in range(4):
             H, C, W0 = _column_problem(seed, d=8, m=3)
             base = objective(W0, H, C)
-            supports = [
-                np.isin(np.arange(8), s)
-                for s in itertools.combinations(range(8), 4)
-                if isinstance(pattern, Unstructured) or (sum(j < 4 for j in s) == 2)
-            ]
-            best = np.min(
-                [objective(support_solve(H, C, np.tile(s, (3, 1))), H, C) for s in supports], axis=0
-            )
+            best = _enumerated_optimum(H, C, pattern)
             mask, W, info = sparse_least_squares(jnp.asarray(H), jnp.asarray(C), pattern)
             mask, W = np.asarray(mask), np.asarray(W)
             assert np.all(mask.sum(-1) == 4) and np.all(W[~mask] == 0)
@@ -298,3 +306,48 @@ def test_projections_match_a_stable_sort_with_ties_signed_zeros_and_infinities()
     flat = scores.reshape(1, -1)
     expected = _reference_keep(flat, flat.size - int(0.6 * flat.size)).reshape(scores.shape)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4), Unstructured(0.5, "matrix")])
+def test_l0_admm_diagonal_gram_closed_form(pattern):
+    """A diagonal ``H`` decouples the inputs: the optimum keeps the entries of largest
+    ``c_j^2 / H_jj`` (each one's error reduction) at ``c_j / H_jj``."""
+    rng = np.random.default_rng(3)
+    d, m = 12, 5
+    h = rng.uniform(0.2, 5.0, d)
+    C = rng.standard_normal((m, d))
+    with jax.enable_x64(True):
+        W, info = l0_admm(jnp.asarray(np.diag(h)), jnp.asarray(C), pattern, maxiter=200)
+    keep = np.asarray(keep_mask(jnp.asarray(C**2 / h), pattern))
+    np.testing.assert_allclose(np.asarray(W), np.where(keep, C / h, 0.0), atol=1e-10)
+    assert np.all(np.asarray(info.result) == 0)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)])
+def test_l0_admm_against_exhaustive_search(pattern):
+    """Exact counts, the exact least squares on the kept support, and an error between the
+    enumerated row optimum and Wanda's support with the same refit."""
+    ours, baseline = [], []
+    with jax.enable_x64(True):
+        for seed in range(4):
+            H, C, W0 = _column_problem(seed, d=8, m=3)
+            base = objective(W0, H, C)
+            best = _enumerated_optimum(H, C, pattern)
+            W, info = l0_admm(
+                jnp.asarray(H), jnp.asarray(C), pattern, W0=jnp.asarray(W0), refit_maxiter=50
+            )
+            W = np.asarray(W)
+            mask = W != 0
+            assert np.all(mask.sum(-1) == 4)
+            np.testing.assert_allclose(W, support_solve(H, C, mask), atol=1e-8)
+            assert float(np.max(info.refit.kkt)) < 1e-8
+            ours.append((objective(W, H, C) - base) / (best - base))
+            wanda = np.asarray(keep_mask(jnp.asarray(np.abs(W0) * np.sqrt(np.diag(H))), pattern))
+            baseline.append((objective(support_solve(H, C, wanda), H, C) - base) / (best - base))
+    ours, baseline = np.concatenate(ours), np.concatenate(baseline)
+    assert np.all(ours >= 1 - 1e-9)
+    # ADMM on l0 is local; on these problems (built so that the one-shot score misleads),
+    # recorded ratios to the row optimum, unstructured: mean 3.2 (Wanda + refit 4.3), 2:4:
+    # mean 2.9 (Wanda 4.2), worst row 10.2 on both (Wanda 6.5 on that row: ADMM does not
+    # keep the start's support when it is better, unlike fista, which compares them).
+    assert ours.max() < 15 and ours.mean() < baseline.mean(), (ours, baseline)

@@ -5,7 +5,7 @@ methods (fasp, spap, wanda-sp) are block programs in ``jprune.structured``. Ever
 typed options dataclass; ``get_method(name).parse_options(raw)`` checks user values.
 """
 
-from . import fista, magnitude, optima, sparsegpt, wanda
+from . import fista, l0_admm, magnitude, optima, sparsegpt, wanda
 from .base import (
     METHODS,
     LayerProblem,
@@ -28,6 +28,7 @@ __all__ = [
     "corrected_gram",
     "fista",
     "get_method",
+    "l0_admm",
     "magnitude",
     "optima",
     "register",

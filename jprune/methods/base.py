@@ -42,7 +42,7 @@ import numpy as np
 
 from jprune.converters.spec import block_linear_names, linear_input
 from jprune.errors import JpruneError
-from jprune.options import describe, parse_fields
+from jprune.options import describe, option, parse_fields
 from jprune.sharding import to_host
 from jprune.solvers import Pattern, Result, check_pattern_fits
 
@@ -82,6 +82,16 @@ def corrected_gram(gram: jax.Array, cross: jax.Array | None, correction: float) 
     if correction == 1.0:
         return cross
     return correction * cross + (1.0 - correction) * gram
+
+
+def correction_option(note: str):
+    """The ``correction`` option of the methods with an error-correcting target (default 0.25)."""
+    return option(
+        0.25,
+        f"fraction of upstream error undone: target W0 (Xp + c (X - Xp)); {note}",
+        low=0.0,
+        high=1.0,
+    )
 
 
 def result_counts(codes) -> dict[str, int]:

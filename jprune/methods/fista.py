@@ -26,10 +26,19 @@ Choices beyond the paper, each an option:
   against sparsegpt's 622). A quarter of the correction kept every in-domain win and lost no
   out-of-domain comparison on the shared models (``bench/RESULTS.md``, "Error correction").
 * ``percdamp``: a small ridge on ``H`` (as SparseGPT's dampening) for conditioning.
-* ``refit`` (default on): the exact (undamped) least squares on the chosen mask (OPTIMA's
-  reconstruction, masked CG), then hard-thresholding-pursuit steps from two starts, the lasso
-  answer and the dense weights, the best kept row by row (per matrix for a matrix budget);
-  ``refit=False`` is the paper's algorithm.
+* ``refit`` (default on): after the lasso, ``polish_iters`` iterations of ADMM on the
+  l0-constrained problem itself (``solvers.l0_admm``, the ``l0-admm`` method's solver) start
+  from the lasso answer, optionally hard-thresholding-pursuit steps (``pursuit_steps``, off by
+  default), and a refit of the kept support by masked CG on the exact (undamped) least squares
+  (at most ``refit_iters`` steps); each stage's answer is kept only where it lowers the error,
+  row by row (per matrix for a matrix budget). ``refit=False`` is the paper's algorithm.
+
+  Issue 16 measured where the time went on smollm2-135m: the old defaults (12 bisection steps
+  of up to 30 FISTA iterations, 2 x 10 pursuit steps of 32 CG steps, a final refit of up to
+  d_in CG steps) cost ~1,000 GEMMs a linear, 10-17x SparseGPT. ADMM on l0 reaches lower layer
+  errors than the pursuit at two GEMMs an iteration, and its small first penalty lets the support
+  move far from the start, so a short lasso search (6 x 6 iterations) does as well as the long
+  one: ``bench/RESULTS.md``, "Optimization at the speed of the heuristics".
 * ``warm_start``: start from SparseGPT's or Wanda's answer instead of the dense weights (the
   paper's setting); the default borrows nothing from another method.
 """
@@ -47,11 +56,13 @@ from jprune.options import option
 from jprune.solvers import (
     Pattern,
     check_pattern_fits,
+    l0_admm,
     lam_search,
     lipschitz,
     num_pruned,
     project_pattern,
     row_separable,
+    unit_scale,
 )
 
 from .base import (
@@ -59,6 +70,7 @@ from .base import (
     LayerProblem,
     LayerResult,
     corrected_gram,
+    correction_option,
     register_layer_method,
     result_counts,
 )
@@ -66,12 +78,6 @@ from .optima import layer_quadratic, refit, row_errors
 
 WARM_STARTS = ("sparsegpt", "wanda")
 LASSO_SOLVERS = ("fista", "admm")
-
-
-def _unit_scale(H: jax.Array) -> jax.Array:
-    """``1 / ||X_j||`` per input; dead inputs (no signal) keep scale 1."""
-    diag = jnp.diagonal(H)
-    return jnp.where(diag > 0, lax.rsqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
 
 
 @functools.partial(
@@ -89,6 +95,7 @@ def _unit_scale(H: jax.Array) -> jax.Array:
         "refit_tol",
         "start_competes",
         "lasso_solver",
+        "polish_iters",
     ),
 )
 def fista_prune(
@@ -110,14 +117,18 @@ def fista_prune(
     refit_tol: float,
     start_competes: bool,
     lasso_solver: str = "fista",
+    polish_iters: int = 0,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """FISTAPruner on one layer: (pruned float32 weight, its error, per-stage errors).
 
-    ``pursuit_steps=None`` skips the refit (the paper's algorithm); otherwise the lasso mask is
-    refit and then that many hard-thresholding-pursuit steps of length ``pursuit_step / L``
-    may move it.
+    ``pursuit_steps=None`` skips everything after the lasso (the paper's algorithm). Otherwise
+    ``polish_iters`` iterations of ``solvers.l0_admm`` start from the lasso answer, then
+    ``pursuit_steps`` hard-thresholding-pursuit steps of length ``pursuit_step / L`` (each
+    ranked after ``pursuit_cg`` CG steps; none when 0), and a final refit of the kept support
+    (at most ``refit_maxiter`` CG steps). Each stage's answer is kept only where it lowers the
+    error (row by row, or for the whole matrix under a matrix budget).
     """
-    scale = _unit_scale(H) if standardize else jnp.ones(H.shape[0], H.dtype)
+    scale = unit_scale(H) if standardize else jnp.ones(H.shape[0], H.dtype)
     H_unit = H * scale[:, None] * scale[None, :]
     C_unit = C * scale[None, :]
     # Back to unit inputs by multiplying with the reciprocal, never ``W / scale``: XLA rewrites
@@ -166,32 +177,41 @@ def fista_prune(
     if pursuit_steps is None:
         return best, jnp.sum(best_error), stats
 
-    # Hard thresholding pursuit (Foucart 2011): a gradient step in unit-input coordinates, the
-    # pattern's projection picks the next mask, the exact least squares refits it. The l1 path
-    # ranks weights by a shrunken proxy; these steps let the mask trade weights by their effect
-    # on the exact objective. The first step has length 0: the plain refit of the l1 mask.
-    L = lipschitz(H_unit)
-    steps = jnp.concatenate([jnp.zeros((1,)), jnp.full((pursuit_steps,), pursuit_step)]) / L
+    if polish_iters:
+        # ADMM on the l0-constrained problem itself, started at the lasso answer: it moves the
+        # support by the exact objective at two GEMMs an iteration. Its own refit is left to
+        # the final one below.
+        W, polish = l0_admm(H_error, C, pattern, W0=best, maxiter=polish_iters, refit_maxiter=0)
+        (best, best_error), stats["polish_error"] = keep_better(best, best_error, W)
+        stats["polish_changes"] = jnp.sum(polish.support_changes)
 
-    def pursuit(carry, step_size):
-        best, best_error, V = carry
-        V = project_pattern(V - step_size * (V @ H_unit - C_unit), pattern)
-        # The refit solves the undamped least squares (the ridge only conditions the l1 path).
-        # Inside the search a few warm-started CG steps rank the masks; the kept answer is
-        # refit to tolerance at the end.
-        W, _ = refit(H_error, C, V != 0, V * scale[None, :], maxiter=pursuit_cg, tol=refit_tol)
-        (best, best_error), error = keep_better(best, best_error, W)
-        return (best, best_error, to_unit(W)), error
+    if pursuit_steps:
+        # Hard thresholding pursuit (Foucart 2011): a gradient step in unit-input coordinates,
+        # the pattern's projection picks the next mask, the exact least squares refits it.
+        # The first step has length 0: the plain refit of the current mask.
+        L = lipschitz(H_unit)
+        steps = jnp.concatenate([jnp.zeros((1,)), jnp.full((pursuit_steps,), pursuit_step)]) / L
 
-    # Pursue from the best lasso answer (its mask), whichever round gave it, and from the dense
-    # weights: there the gradient vanishes, so the first projection keeps the largest
-    # |w_ij| ||X_j|| and the steps that follow move that mask by the exact objective. Both are
-    # this method's own iterates; the better one is kept row by row.
-    (best, best_error, _), from_lasso = lax.scan(pursuit, (best, best_error, to_unit(best)), steps)
-    (best, best_error, _), from_dense = lax.scan(
-        pursuit, (best, best_error, to_unit(problem_start)), steps[1:]
-    )
-    stats["refit"] = jnp.concatenate([from_lasso, from_dense])
+        def pursuit(carry, step_size):
+            best, best_error, V = carry
+            V = project_pattern(V - step_size * (V @ H_unit - C_unit), pattern)
+            # The refit solves the undamped least squares (the ridge only conditions the l1
+            # path). A few warm-started CG steps rank the masks; the kept answer is refit at
+            # the end.
+            W, _ = refit(H_error, C, V != 0, V * scale[None, :], maxiter=pursuit_cg, tol=refit_tol)
+            (best, best_error), error = keep_better(best, best_error, W)
+            return (best, best_error, to_unit(W)), error
+
+        # Pursue from the best answer so far (its mask) and from the dense weights: there the
+        # gradient vanishes, so the first projection keeps the largest |w_ij| ||X_j|| and the
+        # steps that follow move that mask by the exact objective. The better one is kept.
+        (best, best_error, _), from_best = lax.scan(
+            pursuit, (best, best_error, to_unit(best)), steps
+        )
+        (best, best_error, _), from_dense = lax.scan(
+            pursuit, (best, best_error, to_unit(problem_start)), steps[1:]
+        )
+        stats["refit"] = jnp.concatenate([from_best, from_dense])
     # CG from the kept answer only lowers each row's objective, so this keeps it the best.
     best, refit_info = refit(H_error, C, best != 0, best, maxiter=refit_maxiter, tol=refit_tol)
     stats["refit_result"] = refit_info.result
@@ -200,24 +220,25 @@ def fista_prune(
 
 @dataclasses.dataclass(frozen=True)
 class FistaOptions:
-    correction: float = option(
-        0.25,
-        "fraction of upstream error undone: target W0 (Xp + c (X - Xp)); 1: the paper's",
-        low=0.0,
-        high=1.0,
-    )
+    correction: float = correction_option("1: the paper's")
     rounds: int = option(1, "bisections on lam, each restarted from the last answer", low=1)
-    maxiter: int = option(30, "FISTA iterations per lasso solve", low=1)
-    num_bisect: int = option(12, "bisection steps on lam per round", low=1)
+    maxiter: int = option(6, "FISTA iterations per lasso solve", low=1)
+    num_bisect: int = option(6, "bisection steps on lam per round", low=1)
     tol: float = option(
         1e-4, "relative stopping tolerance of each lasso solve", low=0.0, low_open=True
     )
     percdamp: float = option(0.01, "ridge on H for the l1 path, relative to mean(diag H)", low=0.0)
     standardize: bool = option(True, "run the lasso on unit-norm inputs (Wanda-like rounding)")
     refit: bool = option(True, "exact least squares on the mask, then pursuit (false: the paper's)")
-    pursuit_steps: int = option(10, "hard-thresholding pursuit steps after the refit", low=0)
+    polish_iters: int = option(
+        30, "l0-ADMM iterations from the lasso answer (solvers.l0_admm; 0: none)", low=0
+    )
+    pursuit_steps: int = option(0, "hard-thresholding pursuit steps after the polish", low=0)
     pursuit_step: float = option(3.0, "pursuit step length, in units of 1/L", low=0.0)
     pursuit_cg: int = option(32, "warm-started CG steps that rank each pursuit mask", low=1)
+    refit_iters: int | None = option(
+        30, "CG steps of the final refit (None: d_in, to refit_tol)", low=1
+    )
     refit_tol: float = option(1e-5, "CG tolerance of the final refit", low=0.0, low_open=True)
     warm_start: str | None = option(
         None, "start from (and compete with) this method's answer", choices=(None, *WARM_STARTS)
@@ -229,7 +250,7 @@ class FistaOptions:
     "fista",
     options=FistaOptions,
     intra_block=True,
-    summary="FISTAPruner: the lasso path picks the mask, then exact refit and pursuit",
+    summary="FISTAPruner: the lasso path picks the mask, then l0-ADMM polish and exact refit",
 )
 def fista(problem: LayerProblem, pattern: Pattern, options: FistaOptions) -> LayerResult:
     """FISTAPruner: ``rounds`` bisections on ``lam`` of ``num_bisect`` FISTA solves each.
@@ -275,12 +296,13 @@ def fista(problem: LayerProblem, pattern: Pattern, options: FistaOptions) -> Lay
         tol=o.tol,
         standardize=o.standardize,
         pursuit_steps=o.pursuit_steps if o.refit else None,
-        refit_maxiter=problem.weight.shape[1],
+        refit_maxiter=problem.weight.shape[1] if o.refit_iters is None else o.refit_iters,
         pursuit_cg=o.pursuit_cg,
         refit_tol=o.refit_tol,
         # The dense start violates the pattern; only a warm start's pruned answer may win.
         start_competes=o.warm_start is not None,
         lasso_solver=o.lasso_solver,
+        polish_iters=o.polish_iters if o.refit else 0,
     )
     best = int(jnp.argmin(stats["error"]))
     info = {
@@ -291,6 +313,10 @@ def fista(problem: LayerProblem, pattern: Pattern, options: FistaOptions) -> Lay
     }
     if o.refit:
         info["refit_result"] = result_counts(stats["refit_result"])
+    if o.refit and o.polish_iters:
+        info["polish_error"] = float(stats["polish_error"])
+        info["polish_changes"] = int(stats["polish_changes"])
+    if o.refit and o.pursuit_steps:
         info["pursuit_steps_used"] = int(
             jnp.sum(jnp.diff(jnp.minimum.accumulate(stats["refit"])) < 0)
         )
