@@ -4,6 +4,7 @@ common objective tolerance vs jaxopt vmapped over rows.
     python bench/solvers.py                 # shapes 1024x1024 1024x2752 2752x1024 (m x d)
     python bench/solvers.py --quick         # one small shape
     python bench/solvers.py --shapes 512x512 --rtol 1e-5
+    python bench/solvers.py --grams .cache/layers/block15.*.npz   # real Grams (capture_layers.py)
 
 Device-agnostic JAX: runs on whatever ``jax.devices()[0]`` is.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,24 @@ def problem(m, d, seed=0):
     W0 = jnp.asarray(rng.standard_normal((m, d)), jnp.float32)
     keep = jnp.asarray(rng.random((m, d)) < 0.5)
     return H, W0 @ H, keep
+
+
+def captured_problem(path):
+    """A layer problem ``bench/capture_layers.py`` saved, as fista's lasso sees it: the Gram per
+    token with fista's 1% ridge, in unit-input coordinates, the dense target (correction 0.25);
+    the fixed mask is Wanda's at 50%."""
+    arrays = np.load(path)
+    n = float(arrays["num_tokens"])
+    gram = arrays["gram"].astype(np.float64) / n
+    cross = arrays["cross_gram"].astype(np.float64) / n if "cross_gram" in arrays else gram
+    weight = arrays["weight"].astype(np.float64)
+    C = weight @ (0.25 * cross + 0.75 * gram)
+    H = gram + 0.01 * np.mean(np.diag(gram)) * np.eye(gram.shape[0])
+    scale = 1.0 / np.sqrt(np.diag(H))
+    H, C = H * scale[:, None] * scale[None, :], C * scale[None, :]
+    score = np.abs(weight) / scale[None, :]
+    keep = score >= np.median(score, axis=1, keepdims=True)
+    return jnp.asarray(H, jnp.float32), jnp.asarray(C, jnp.float32), jnp.asarray(keep)
 
 
 def bare_gemms(H, C, k):
@@ -131,10 +151,12 @@ def log(message):
     print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def bench_shape(m, d, args):
-    """One table row for an (m, d) problem."""
-    H, C, keep = problem(m, d)
-    log(f"{m}x{d}: problem built")
+def bench_shape(m, d, args, captured=None):
+    """One table row for an (m, d) problem (``captured``: a saved layer's path instead)."""
+    H, C, keep = problem(m, d) if captured is None else captured_problem(captured)
+    m, d = C.shape
+    label = f"{m}x{d}" if captured is None else f"{m}x{d} {Path(captured).stem}"
+    log(f"{label}: problem built")
     lam = 0.01 * float(jnp.abs(C).max())
     bound = jnp.where(keep, jnp.inf, 0.0)
     gemm = per_iteration(bare_gemms, H, C, args.iters)
@@ -175,7 +197,7 @@ def bench_shape(m, d, args):
         return f">{args.cap:.0f} (not reached or out of memory)" if x is None else f"{x:.3f}"
 
     return (
-        f"| {m}x{d} | {1e3 * gemm:.2f} | "
+        f"| {label} | {1e3 * gemm:.2f} | "
         + " | ".join(f"{r:.2f}" for r in ratios)
         + f" | {fmt(ours_l)} ({it_l}) / {fmt(ours_a)} ({it_a}) / {fmt(jo_l)} ({jo_it}) "
         f"| {fmt(ours_b)} ({it_b}) / {fmt(jo_b)} |"
@@ -195,6 +217,9 @@ def main():
         help="do not time vmapped jaxopt BoxOSQP (at d >= 1024 it holds a d x d matrix per row "
         "and runs for many minutes before the cap applies)",
     )
+    parser.add_argument(
+        "--grams", nargs="*", default=[], help="layer problems saved by capture_layers.py"
+    )
     add_matmul_precision(parser)
     args = parser.parse_args()
     use_matmul_precision(args.matmul_precision)
@@ -207,6 +232,10 @@ def main():
         "(iters) | box_qp fixed mask to tol: ours s (iters) / jaxopt s |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    if args.grams:
+        for path in args.grams:
+            print(bench_shape(0, 0, args, captured=path), flush=True)
+        return
     for shape in shapes:
         print(bench_shape(*map(int, shape.split("x")), args))
 

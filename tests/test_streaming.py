@@ -189,8 +189,8 @@ def test_a_killed_run_resumes_bit_identically(deep_tiny, tmp_path, capsys):
     refusals = {
         "setting target.sparsity was 0.5, now 0.6": _with(RESUME_SETTINGS, "--sparsity", "0.6"),
         "setting calibration.seed was 0, now 1": _with(RESUME_SETTINGS, "--seed", "1"),
-        "setting target.options.pursuit_steps was 2, now 3": [
-            *RESUME_SETTINGS, "--option", "pursuit_steps=3",
+        "setting target.options.polish_iters was 8, now 3": [
+            *RESUME_SETTINGS, "--option", "polish_iters=3",
         ],
     }  # fmt: skip
     for message, settings in refusals.items():
