@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import tempfile
 import time
@@ -34,8 +35,11 @@ WIKI_TEST = ASSETS / "text" / "wikitext2_raw_test.txt"
 
 
 def parse_cell(text: str) -> tuple[str, str, str, dict]:
-    label, _, spec = text.rpartition("=") if "=" in text.split(":", 1)[0] else ("", "", text)
-    method, target, *rest = spec.split(":", 2)
+    label, _, spec = text.partition("=") if "=" in text.split(":", 1)[0] else ("", "", text)
+    method, remainder = spec.split(":", 1)
+    nm = re.match(r"\d+:\d+", remainder)  # an N:M target holds a colon itself
+    target = nm.group(0) if nm else remainder.split(":", 1)[0]
+    rest = [remainder[len(target) + 1 :]] if len(remainder) > len(target) else []
     options = {}
     for pair in rest[0].split(",") if rest else ():
         key, value = pair.split("=", 1)
