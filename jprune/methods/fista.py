@@ -36,9 +36,10 @@ Choices beyond the paper, each an option:
   Issue 16 measured where the time went on smollm2-135m: the old defaults (12 bisection steps
   of up to 30 FISTA iterations, 2 x 10 pursuit steps of 32 CG steps, a final refit of up to
   d_in CG steps) cost ~1,000 GEMMs a linear, 10-17x SparseGPT. ADMM on l0 reaches lower layer
-  errors than the pursuit at two GEMMs an iteration, and its small first penalty lets the support
-  move far from the start, so a short lasso search (4 bisection steps of 4 iterations) does as well as the long
-  one: ``bench/RESULTS.md``, "Optimization at the speed of the heuristics".
+  errors than the pursuit at two GEMMs an iteration, and its small first penalty lets the
+  support move far from the start, so a short lasso search (4 bisection steps of 4 iterations)
+  does as well as the long one: ``bench/RESULTS.md``, "Optimization at the speed of the
+  heuristics".
 * ``warm_start``: start from SparseGPT's or Wanda's answer instead of the dense weights (the
   paper's setting); the default borrows nothing from another method.
 """
@@ -268,7 +269,9 @@ def fista(problem: LayerProblem, pattern: Pattern, options: FistaOptions) -> Lay
 
     ``info``: ``error`` (the kept answer's ``1/2 ||W Xp - W0 X||^2`` per token, up to a
     constant), ``lasso_error`` (the same for the best rounded lasso answer), ``lam`` (its mean
-    ``lam``, unit inputs when ``standardize``), ``pursuit_steps_used`` (pursuit steps that improved).
+    ``lam``, unit inputs when ``standardize``); with the polish, ``polish_error`` (its
+    answer's error, before the final refit) and ``polish_changes`` (support entries its last
+    iteration moved); with pursuit steps, ``pursuit_steps_used`` (those that improved).
     """
     check_pattern_fits(pattern, problem.weight.shape)
     if num_pruned(pattern, problem.weight.shape) == 0:
