@@ -7,7 +7,8 @@ GEMM ``(d_out, d_in) @ (d_in, d_in)`` of the same shape, and each method's layer
 
 * sparsegpt (the whole layer method);
 * fista before issue 16 (lam search 12 x 30, 2 x 10 pursuit steps of 32 CG, final refit to
-  d_in CG steps) and after (lam search 4 x 4, fista's defaults, 30 l0-ADMM iterations, 30 refit CG steps);
+  d_in CG steps) and after (its defaults: lam search 4 x 4, 30 l0-ADMM iterations, 30 refit
+  CG steps);
 * l0-admm (eigendecomposition + 30 ADMM iterations, 30 refit CG steps);
 * optima with the wanda mask (selection, masked CG to 1e-6, at most 4 d_in steps).
 
