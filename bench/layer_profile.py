@@ -7,7 +7,7 @@ GEMM ``(d_out, d_in) @ (d_in, d_in)`` of the same shape, and each method's layer
 
 * sparsegpt (the whole layer method);
 * fista before issue 16 (lam search 12 x 30, 2 x 10 pursuit steps of 32 CG, final refit to
-  d_in CG steps) and after (its defaults: lam search 4 x 4, 30 l0-ADMM iterations, 30 refit
+  d_in CG steps) and after (its defaults: lam search 3 x 3, 30 l0-ADMM iterations, 30 refit
   CG steps);
 * l0-admm (eigendecomposition + 30 ADMM iterations, 30 refit CG steps);
 * optima with the wanda mask (selection, masked CG to 1e-6, at most 4 d_in steps).
@@ -103,7 +103,7 @@ def profile_layer(problem: LayerProblem, pattern, repeat: int) -> dict:
         "l0-admm": method("l0-admm", "l0-admm"),
         "optima": method("optima", "optima", mask_from="wanda"),
     }
-    for label, (bisect, iters) in (("old", (12, 30)), ("new", (4, 4))):
+    for label, (bisect, iters) in (("old", (12, 30)), ("new", (3, 3))):
         search = jax.jit(
             lambda H, C, V, b=bisect, i=iters: lam_search(
                 H, C, pattern, W0=V, num_bisect=b, maxiter=i, tol=1e-4
@@ -111,7 +111,7 @@ def profile_layer(problem: LayerProblem, pattern, repeat: int) -> dict:
         )
         stage(f"fista_{label}.lasso", lambda s=search: s(H_unit, C_unit, V0))
     lasso = (
-        jax.jit(lambda H, C, V: lam_search(H, C, pattern, W0=V, num_bisect=4, maxiter=4)[0])(
+        jax.jit(lambda H, C, V: lam_search(H, C, pattern, W0=V, num_bisect=3, maxiter=3)[0])(
             H_unit, C_unit, V0
         )
         * scale[None, :]

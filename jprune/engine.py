@@ -25,9 +25,13 @@ Two knobs decide which activations the statistics come from:
 
 Only one block's activations are alive at a time: ``(nsamples, seqlen, hidden)`` for the pruned
 stream and, when a stage needs dense-model statistics or blocks see the dense inputs, the dense
-stream. Once q, k, v are final, each stream's attention output is kept too: attention is most
-of a block's forward cost and no later stage changes it, so the o, MLP and output passes start
-from it instead of rerunning attention.
+stream. Later stages do not rerun what earlier ones fixed: once q, k, v are final each stream's
+attention output is kept (attention is most of a block's forward cost), and once o is final
+too, the residual entering the MLP replaces it, so the MLP stages and the output pass start
+there. The dense model does not change, so its stream's next-block inputs come out of the last
+stage's statistics pass rather than a pass of their own. On smollm2-135m with intra-block
+stages this took the engine's forward passes and Grams from 231 s to 180 s (a run with a
+near-free solver; ``bench/RESULTS.md``, issue 16).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ from jprune.solvers import row_separable
 
 # The linears that feed attention: once they are final, a block's attention output is too.
 ATTENTION_LINEARS = frozenset(n for n, tap in LINEAR_INPUTS.items() if tap == "attn_in")
+# Once these are final, so is the residual stream entering the MLP.
+RESIDUAL_LINEARS = ATTENTION_LINEARS | {n for n, tap in LINEAR_INPUTS.items() if tap == "o_in"}
 # The statistics that are read from the dense model's stream.
 DENSE_STATISTICS = frozenset({"cross", "dense"})
 
@@ -82,10 +88,16 @@ def embed_tokens_fn(graphdef, state, ids):
     return nnx.merge(graphdef, state).embed_tokens(ids)
 
 
-def _forward(graphdef, state, x, attention=None):
-    """The block's (output, taps), from its cached attention output when one is given."""
+def _forward(graphdef, state, x, cached=None):
+    """The block's (output, taps), resumed from what ``cached`` holds of ``x``'s pass: its
+    attention output (``{"attention": ...}``) or the residual entering the MLP
+    (``{"residual": ...}``; the taps then hold only the MLP's inputs)."""
     block = nnx.merge(graphdef, state)
-    return block(x) if attention is None else block.finish(x, attention)
+    if cached and "residual" in cached:
+        return block.finish_mlp(cached["residual"])
+    if cached and "attention" in cached:
+        return block.finish(x, cached["attention"])
+    return block(x)
 
 
 def _pairwise_sum(x: jax.Array) -> jax.Array:
@@ -113,22 +125,28 @@ def _gram(a: jax.Array, b: jax.Array, reproducible: bool) -> jax.Array:
     return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _batch_statistics(
     graphdef,
     requests: tuple[tuple[str, tuple[str, ...]], ...],
     with_dense: bool,
     reproducible: bool,
+    dense_outputs: bool,
     state,
     dense_state,
     x,
     x_dense,
-    attention=None,
-    dense_attention=None,
+    cached=None,
+    dense_cached=None,
 ):
-    """Per requested tap, its statistics for one batch (see ``methods.base.STATISTICS``)."""
-    _, current = _forward(graphdef, state, x, attention)
-    dense = _forward(graphdef, dense_state, x_dense, dense_attention)[1] if with_dense else None
+    """Per requested tap, its statistics for one batch (see ``methods.base.STATISTICS``), and
+    with ``dense_outputs`` the dense stream's block outputs (else None)."""
+    _, current = _forward(graphdef, state, x, cached)
+    dense_out, dense = (
+        _forward(graphdef, dense_state, x_dense, dense_cached)
+        if with_dense or dense_outputs
+        else (None, None)
+    )
     out = {}
     for tap, wanted in requests:
         xp = current[tap]
@@ -142,7 +160,7 @@ def _batch_statistics(
         if "mean" in wanted:  # a sum here; the consumer divides by the token count
             stats["mean"] = jnp.sum(xp.reshape(-1, xp.shape[-1]), axis=0)
         out[tap] = stats
-    return out
+    return out, (dense_out if dense_outputs else None)
 
 
 class Activations:
@@ -186,36 +204,56 @@ def stream_statistics(
     dense_state,
     x: Activations,
     x_dense: Activations | None,
-    attention: Activations | None = None,
-    dense_attention: Activations | None = None,
+    cached: Mapping[str, Activations] | None = None,
+    dense_cached: Mapping[str, Activations] | None = None,
+    *,
+    dense_outputs: bool = False,
 ):
     """Sum the per-batch statistics over all calibration windows (float32).
 
     ``statistics``: tap -> the statistics wanted; ``x_dense`` is read only when one of them
-    needs the dense stream. ``attention`` / ``dense_attention``: the streams' cached attention
-    outputs, if any.
+    needs the dense stream, or with ``dense_outputs``. ``cached`` / ``dense_cached``: what the
+    engine keeps of each stream's pass (``_forward``), if anything. With ``dense_outputs``
+    returns ``(statistics, the dense stream's block outputs)``: the dense model does not
+    change, so its next-block inputs come out of this pass instead of a pass of their own.
     """
     requests = _requests(statistics)
     with_dense = any(DENSE_STATISTICS & set(wanted) for _, wanted in requests)
     total = None
     absent = [None] * len(x.batches)
-    dense = x_dense if with_dense else None
-    others = [absent if s is None else s for s in (dense, attention, dense_attention)]
-    for batch, xd, att, att_dense in zip(x, *others, strict=True):
-        stats = _batch_statistics(
+    dense = x_dense if with_dense or dense_outputs else None
+    outputs = []
+    for batch, xd, kept, kept_dense in zip(
+        x, absent if dense is None else dense, _zip_cache(cached, x), _zip_cache(dense_cached, x),
+        strict=True,
+    ):  # fmt: skip
+        stats, dense_out = _batch_statistics(
             graphdef,
             requests,
             with_dense,
             x.options.row_blocks > 0,
+            dense_outputs,
             state,
             dense_state,
             batch,
             xd,
-            att,
-            att_dense,
+            kept,
+            kept_dense,
         )
+        outputs.append(dense_out)
         total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    if dense_outputs:
+        return total, Activations(outputs, x.options)
     return total
+
+
+def _zip_cache(cached: Mapping[str, Activations] | None, x: Activations) -> list:
+    """Per batch of ``x``, the cached arrays of that batch (a dict, or None)."""
+    if not cached:
+        return [None] * len(x.batches)
+    return [
+        dict(zip(cached, batches, strict=True)) for batches in zip(*cached.values(), strict=True)
+    ]
 
 
 def _batches(x: jax.Array, batch_size: int) -> list[jax.Array]:
@@ -244,19 +282,43 @@ def block_outputs(graphdef, state, x, batch_size):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _block_outputs(graphdef, state, x, attention=None):
-    return _forward(graphdef, state, x, attention)[0]
+def _block_outputs(graphdef, state, x, cached=None):
+    return _forward(graphdef, state, x, cached)[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _attend(graphdef, state, x):
+def _attend(graphdef, state, x, cached=None):
     return nnx.merge(graphdef, state).attend(x)
 
 
-def _block_pass(fn, graphdef, state, x: Activations, attention: Activations | None):
-    """``fn(graphdef, state, batch[, attention batch])`` over a stream."""
+@functools.partial(jax.jit, static_argnums=0)
+def _after_attention(graphdef, state, x, cached=None):
+    block = nnx.merge(graphdef, state)
+    attention = cached["attention"] if cached else block.attend(x)
+    return block.after_attention(x, attention)
+
+
+def _block_pass(fn, graphdef, state, x: Activations, cached: Mapping[str, Activations] | None):
+    """``fn(graphdef, state, batch, cached batch)`` over a stream (see ``_forward``)."""
     fn = functools.partial(fn, graphdef, state)
-    return x.map(fn) if attention is None else x.map(fn, attention)
+    return Activations(
+        [fn(batch, kept) for batch, kept in zip(x, _zip_cache(cached, x), strict=True)],
+        x.options,
+    )
+
+
+def _advance_cache(graphdef, state, x: Activations, cached: dict, changed: set[str]) -> dict:
+    """What to keep of a stream's pass now that the linears in ``changed`` are final.
+
+    Once q, k, v are, the attention output; once o is too, the residual entering the MLP
+    (which replaces it: same size, and everything after it starts there). Each later pass then
+    reruns only what a linear still to be pruned can change.
+    """
+    if "residual" not in cached and RESIDUAL_LINEARS <= changed:
+        return {"residual": _block_pass(_after_attention, graphdef, state, x, cached)}
+    if not cached and ATTENTION_LINEARS <= changed:
+        return {"attention": _block_pass(_attend, graphdef, state, x, None)}
+    return cached
 
 
 # ---------------------------------------------------------------- layer accounting
@@ -586,28 +648,33 @@ def prune_model(
         state = jax.tree.map(lambda a: replicate(a, mesh), live_state)
         # Parallel-block mode: this block sees the dense model's input.
         x_in = x if options.sequential else x_dense
-        attention = dense_attention = None
+        cached: dict[str, Activations] = {}
+        dense_cached: dict[str, Activations] = {}
         changed: set[str] = set()
-        for stage in stages:
+        next_dense = None
+        for number, stage in enumerate(stages, 1):
             if progress is not None:
                 label = ",".join(getattr(u, "name", str(u)) for u in stage.units)
                 progress(f"block {index}: {label}", index, spec.num_layers)
-            if attention is None and ATTENTION_LINEARS <= changed:
-                attention = _block_pass(_attend, graphdef, state, x_in, None)
-                if x_dense is not None:
-                    dense_attention = _block_pass(_attend, graphdef, dense_state, x_dense, None)
+            cached = _advance_cache(graphdef, state, x_in, cached, changed)
+            if x_dense is not None:
+                # Caching follows the pruned linears: the dense stream's passes have the same
+                # structure, so a stage reruns the same part of the block on both streams.
+                dense_cached = _advance_cache(graphdef, dense_state, x_dense, dense_cached, changed)
             stats = stream_statistics(
                 graphdef, stage.statistics, state, dense_state, x_in, x_dense,
-                attention, dense_attention,
+                cached, dense_cached, dense_outputs=use_dense and number == len(stages),
             )  # fmt: skip
-            cached = (a.nbytes for a in (attention, dense_attention) if a is not None)
-            held = streams * x.nbytes + sum(cached)
+            if use_dense and number == len(stages):
+                stats, next_dense = stats
+            kept = [a.nbytes for a in (*cached.values(), *dense_cached.values())]
+            held = streams * x.nbytes + sum(kept) + (0 if next_dense is None else x.nbytes)
             records += _prune_stage(job, index, stage, state, stats, held, changed)
         nnx.update(block, jax.tree.map(lambda a: jnp.asarray(to_host(a)), state))
         if use_dense:
-            x_dense = _block_pass(_block_outputs, graphdef, dense_state, x_dense, dense_attention)
+            x_dense = next_dense
         if options.sequential:
-            x = _block_pass(_block_outputs, graphdef, state, x_in, attention)
+            x = _block_pass(_block_outputs, graphdef, state, x_in, cached)
         else:
             x = x_dense
         shapes |= {f"layers.{index}.{k}": list(v.shape) for k, v in _flat_params(state).items()}
@@ -617,7 +684,7 @@ def prune_model(
             index + 1, {k: v.batches for k, v in kept.items()}, records, shapes
         )
         blocks.store(index, block, block_state)
-        del block, state, dense_state, live_state, attention, dense_attention, stats
+        del block, state, dense_state, live_state, cached, dense_cached, stats, next_dense
         block_memory.append(_block_memory(index))
     if progress is not None:
         progress("done", spec.num_layers, spec.num_layers)

@@ -271,17 +271,26 @@ class Block(nnx.Module):
         the engine computes it once per block and reruns only this part as ``o`` and the MLP
         change.
         """
-        pre_norm = self.spec.norm_before
-        attn_in = self.attn_norm(x) if pre_norm else x
+        attn_in = self.attn_norm(x) if self.spec.norm_before else x
+        x, taps = self.finish_mlp(self.after_attention(x, o_in))
+        return x, {"attn_in": attn_in, "o_in": o_in, **taps}
+
+    def after_attention(self, x: jax.Array, o_in: jax.Array) -> jax.Array:
+        """The residual stream entering the MLP part: block input ``x`` plus the attention
+        branch (``o`` of the attention output ``o_in``), normed here when norms come after."""
         x = x + _maybe(self.attn_out_norm, self.o(o_in))
-        if not pre_norm:
-            x = self.attn_norm(x)
+        return x if self.spec.norm_before else self.attn_norm(x)
+
+    def finish_mlp(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Block output and the MLP's taps from ``x = after_attention(...)``: once ``o`` is
+        final too, the engine keeps that residual and reruns only the MLP."""
+        pre_norm = self.spec.norm_before
         mlp_in = self.mlp_norm(x) if pre_norm else x
         mlp_out, mlp_taps = self._mlp(mlp_in)
         x = x + _maybe(self.mlp_out_norm, mlp_out)
         if not pre_norm:
             x = self.mlp_norm(x)
-        return x, {"attn_in": attn_in, "o_in": o_in, "mlp_in": mlp_in, **mlp_taps}
+        return x, {"mlp_in": mlp_in, **mlp_taps}
 
 
 def _maybe(norm: Norm | None, x: jax.Array) -> jax.Array:

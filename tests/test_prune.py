@@ -94,9 +94,11 @@ def test_engine_modes_differ_and_all_reach_the_target(assets):
     assert errors["intra"][3:] != pytest.approx(errors["sequential"][3:], rel=1e-3)
 
 
-def test_intra_block_stages_from_the_cached_attention_see_the_same_inputs(assets, monkeypatch):
-    """Once q, k, v are pruned the engine reuses each stream's attention output; rerunning
-    attention for every stage (the cache disabled) gives the same layer problems."""
+def test_intra_block_stages_from_the_cached_streams_see_the_same_inputs(assets, monkeypatch):
+    """Once q, k, v are pruned the engine reuses each stream's attention output, once o is
+    too the residual entering the MLP, and the last stage's pass yields the dense stream's
+    next inputs; rerunning the whole block for every stage (the caches disabled) gives the
+    same layer problems."""
     import jprune.engine as engine
 
     def run():
@@ -105,10 +107,11 @@ def test_intra_block_stages_from_the_cached_attention_see_the_same_inputs(assets
 
     cached = run()
     monkeypatch.setattr(engine, "ATTENTION_LINEARS", frozenset({"never pruned"}))
+    monkeypatch.setattr(engine, "RESIDUAL_LINEARS", frozenset({"never pruned"}))
     rerun = run()
     errors = [[layer["relative_error"] for layer in r] for r in (cached, rerun)]
     assert errors[0] == pytest.approx(errors[1], rel=1e-4)
-    # the o stage onwards holds the two cached attention streams
+    # the o stage onwards holds the two cached streams
     bound = [[layer["memory"]["bound_bytes"] for layer in r] for r in (cached, rerun)]
     assert bound[0][:3] == bound[1][:3]
     assert all(a > b for a, b in zip(bound[0][3:7], bound[1][3:7], strict=True))

@@ -37,7 +37,7 @@ Choices beyond the paper, each an option:
   of up to 30 FISTA iterations, 2 x 10 pursuit steps of 32 CG steps, a final refit of up to
   d_in CG steps) cost ~1,000 GEMMs a linear, 10-17x SparseGPT. ADMM on l0 reaches lower layer
   errors than the pursuit at two GEMMs an iteration, and its small first penalty lets the
-  support move far from the start, so a short lasso search (4 bisection steps of 4 iterations)
+  support move far from the start, so a short lasso search (3 bisection steps of 3 iterations)
   does as well as the long one: ``bench/RESULTS.md``, "Optimization at the speed of the
   heuristics".
 * ``warm_start``: start from SparseGPT's or Wanda's answer instead of the dense weights (the
@@ -223,8 +223,8 @@ def fista_prune(
 class FistaOptions:
     correction: float = correction_option("1: the paper's")
     rounds: int = option(1, "bisections on lam, each restarted from the last answer", low=1)
-    maxiter: int = option(4, "FISTA iterations per lasso solve", low=1)
-    num_bisect: int = option(4, "bisection steps on lam per round", low=1)
+    maxiter: int = option(3, "FISTA iterations per lasso solve", low=1)
+    num_bisect: int = option(3, "bisection steps on lam per round", low=1)
     tol: float = option(
         1e-4, "relative stopping tolerance of each lasso solve", low=0.0, low_open=True
     )
