@@ -7,7 +7,7 @@ GEMM ``(d_out, d_in) @ (d_in, d_in)`` of the same shape, and each method's layer
 
 * sparsegpt (the whole layer method);
 * fista before issue 16 (lam search 12 x 30, 2 x 10 pursuit steps of 32 CG, final refit to
-  d_in CG steps) and after (its defaults: lam search 3 x 3, 30 l0-ADMM iterations, 30 refit
+  d_in CG steps) and after (its defaults: lam search 3 x 3, 24 l0-ADMM iterations, 30 refit
   CG steps);
 * l0-admm (eigendecomposition + 30 ADMM iterations, 30 refit CG steps);
 * optima with the wanda mask (selection, masked CG to 1e-6, at most 4 d_in steps).
@@ -116,7 +116,9 @@ def profile_layer(problem: LayerProblem, pattern, repeat: int) -> dict:
         )
         * scale[None, :]
     )
-    polish = jax.jit(lambda H, C, W: l0_admm(H, C, pattern, W0=W, refit_maxiter=0)[0])
+    polish = jax.jit(
+        lambda H, C, W: l0_admm(H, C, pattern, W0=W, maxiter=24, growth=1.25, refit_maxiter=0)[0]
+    )
     stage("fista.polish", lambda: polish(H, C, lasso))
     polished = polish(H, C, lasso)
     final = jax.jit(lambda H, C, W: refit(H, C, W != 0, W, maxiter=30, tol=1e-5)[0])

@@ -4,6 +4,7 @@ with transformers, engine modes, and bad input refused before anything is writte
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -115,6 +116,30 @@ def test_intra_block_stages_from_the_cached_streams_see_the_same_inputs(assets, 
     bound = [[layer["memory"]["bound_bytes"] for layer in r] for r in (cached, rerun)]
     assert bound[0][:3] == bound[1][:3]
     assert all(a > b for a, b in zip(bound[0][3:7], bound[1][3:7], strict=True))
+
+
+def test_output_energies_give_the_dense_grams_errors(assets, monkeypatch):
+    """Where a tap's readers are narrower than it (down), the engine reads ``||W0 X||^2`` from
+    their output energies instead of the dense Gram: the same relative errors, and the bound
+    counts one Gram fewer for those linears."""
+    import jprune.engine as engine
+
+    def run():
+        report = prune_with(STORIES260K, "sparsegpt", sparsity=0.5, **SMALL, intra_block=True)
+        return report["layers"]
+
+    energies = run()
+    monkeypatch.setattr(engine, "_prefers_energies", lambda readers, d_in: False)
+    jax.clear_caches()  # the choice is made while tracing the statistics pass
+    grams = run()
+    jax.clear_caches()
+    errors = [[layer["relative_error"] for layer in r] for r in (energies, grams)]
+    assert errors[0] == pytest.approx(errors[1], rel=1e-4)
+    down = [i for i, layer in enumerate(energies) if layer["role"] == "down"]
+    assert down and all(energies[i]["relative_error"] > 0 for i in down)
+    bound = [[layer["memory"]["bound_bytes"] for layer in r] for r in (energies, grams)]
+    for i, (a, b) in enumerate(zip(*bound, strict=True)):
+        assert (a < b) if i in down else (a == b), (energies[i]["name"], a, b)
 
 
 def test_prunes_opt_with_biases(zoo, tmp_path):
