@@ -213,12 +213,6 @@ class Activations:
         for batch in self.batches:
             yield shard_leading(batch, self.options.mesh) if self.on_host else batch
 
-    def map(self, fn, *others: Activations) -> Activations:
-        """``fn`` over this stream's batches, zipped with the batches of ``others``."""
-        return Activations(
-            [fn(*batches) for batches in zip(self, *others, strict=True)], self.options
-        )
-
     @property
     def nbytes(self) -> int:
         return sum(int(np.prod(b.shape)) * b.dtype.itemsize for b in self.batches)
