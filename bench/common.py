@@ -98,6 +98,20 @@ def add_matmul_precision(parser) -> None:
     )
 
 
+def add_calibration(parser) -> None:
+    """``--model``, ``--calib``, ``--nsamples``, ``--seqlen``: issue 16's smollm2-135m protocol
+    (32 x 512 windows of wikitext2_valid.txt) by default."""
+    parser.add_argument("--model", type=Path, required=True, help="HF checkpoint folder")
+    parser.add_argument(
+        "--calib",
+        type=Path,
+        default=ASSETS / "text" / "wikitext2_valid.txt",
+        help="calibration text (default: wikitext2_valid.txt)",
+    )
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+
+
 def use_matmul_precision(precision: str) -> None:
     if precision != "default":
         jax.config.update("jax_default_matmul_precision", precision)

@@ -29,7 +29,7 @@ import jprune.engine as engine
 import jprune.prune as jp
 from jprune.config import PruneConfig
 
-from common import ASSETS, load_average, machine
+from common import add_calibration, load_average, machine
 
 SECONDS: dict[str, float] = defaultdict(float)
 CALLS: Counter = Counter()
@@ -72,18 +72,10 @@ def statistics_label(args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="HF checkpoint folder")
+    add_calibration(parser)
     parser.add_argument("--method", default="l0-admm", help="pruning method")
     parser.add_argument("--options", default="{}", help="method options, as JSON")
     parser.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity")
-    parser.add_argument(
-        "--calib",
-        type=Path,
-        default=ASSETS / "text" / "wikitext2_valid.txt",
-        help="calibration text (default: wikitext2_valid.txt)",
-    )
-    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
-    parser.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     args = parser.parse_args()
 
     timed("stream_statistics", statistics_label)

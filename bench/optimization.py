@@ -29,7 +29,7 @@ from pathlib import Path
 import jprune.prune as jp
 from jprune.config import PruneConfig
 
-from common import ASSETS, load_average, machine
+from common import ASSETS, add_calibration, load_average, machine
 
 WIKI_TEST = ASSETS / "text" / "wikitext2_raw_test.txt"
 
@@ -122,15 +122,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="HF checkpoint folder")
-    parser.add_argument(
-        "--calib",
-        type=Path,
-        default=ASSETS / "text" / "wikitext2_valid.txt",
-        help="calibration text (default: wikitext2_valid.txt)",
-    )
-    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
-    parser.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    add_calibration(parser)
     parser.add_argument(
         "--eval-chars", type=int, default=60_000, help="WikiText-2 test prefix, bytes"
     )

@@ -29,9 +29,10 @@ stream. Later stages do not rerun what earlier ones fixed: once q, k, v are fina
 attention output is kept (attention is most of a block's forward cost), and once o is final
 too, the residual entering the MLP replaces it, so the MLP stages and the output pass start
 there. The dense model does not change, so its stream's next-block inputs come out of the last
-stage's statistics pass rather than a pass of their own. On smollm2-135m with intra-block
-stages this took the engine's forward passes and Grams from 231 s to 180 s (a run with a
-near-free solver; ``bench/RESULTS.md``, issue 16).
+stage's statistics pass rather than a pass of their own, and a tap's dense Gram gives way to
+its readers' output energies where those are cheaper (``_prefers_energies``). On smollm2-135m
+with intra-block stages this took the engine's forward passes and Grams from 231 s to 180 s
+(caching) and 164 s (energies), a run with a near-free solver (``bench/RESULTS.md``, issue 16).
 """
 
 from __future__ import annotations
@@ -684,6 +685,8 @@ def prune_model(
         changed: set[str] = set()
         next_dense = None
         for number, stage in enumerate(stages, 1):
+            # The dense stream's next inputs come out of the last stage's pass.
+            last_dense = use_dense and number == len(stages)
             if progress is not None:
                 label = ",".join(getattr(u, "name", str(u)) for u in stage.units)
                 progress(f"block {index}: {label}", index, spec.num_layers)
@@ -694,9 +697,9 @@ def prune_model(
                 dense_cached = _advance_cache(graphdef, dense_state, x_dense, dense_cached, changed)
             stats = stream_statistics(
                 graphdef, stage.statistics, state, dense_state, x_in, x_dense,
-                cached, dense_cached, dense_outputs=use_dense and number == len(stages),
+                cached, dense_cached, dense_outputs=last_dense,
             )  # fmt: skip
-            if use_dense and number == len(stages):
+            if last_dense:
                 stats, next_dense = stats
             kept = [a.nbytes for a in (*cached.values(), *dense_cached.values())]
             held = streams * x.nbytes + sum(kept) + (0 if next_dense is None else x.nbytes)
