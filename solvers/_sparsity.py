@@ -143,9 +143,9 @@ def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
     """
     keys = _order_keys(scores)
     nbits = 8 * keys.dtype.itemsize
-    k = jnp.asarray(k)
-    k_rows = jnp.broadcast_to(k if k.ndim else k[None], keys.shape[:-1] + (1,))
-    count_all = jnp.full(keys.shape[:-1] + (1,), keys.shape[-1], jnp.int32)
+    per_row = keys.shape[:-1] + (1,)
+    k_rows = jnp.broadcast_to(jnp.asarray(k), per_row)
+    count_all = jnp.full(per_row, keys.shape[-1], jnp.int32)
 
     def unresolved(state):
         bit, _, count = state
@@ -164,7 +164,7 @@ def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
 
     # The largest key t with at least k keys >= t is the row's k-th largest; ``count`` holds
     # how many keys are >= the current prefix.
-    start = jnp.zeros(keys.shape[:-1] + (1,), keys.dtype)
+    start = jnp.zeros(per_row, keys.dtype)
     _, threshold, count = jax.lax.while_loop(
         unresolved, next_bit, (jnp.zeros((), jnp.int32), start, count_all)
     )
