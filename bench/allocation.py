@@ -37,21 +37,33 @@ TEXTS = {
     "tinystories": ASSETS / "text" / "tinystories_eval.txt",
     "wikitext2": ASSETS / "text" / "wikitext2_raw_test.txt",
 }
-ALLOCATIONS = ("uniform", "owl", "optimal")
+ALLOCATIONS = ("uniform", "owl", "optimal", "optimal-equal")
+# A label's allocation settings; the rest are AllocationConfig's defaults.
+SETTINGS = {
+    "uniform": {"method": "uniform"},
+    "owl": {"method": "owl"},
+    "optimal": {"method": "optimal"},
+    "optimal-equal": {"method": "optimal", "weight": "equal"},  # the first session's default
+}
 METHODS = ("wanda", "sparsegpt", "fista")
 RESULTS_JSON = BENCH / "allocation_results.json"
 SECTION = "## Allocation"
 
 
-def evaluate(model_dir: Path, windows: int) -> dict[str, float]:
+def evaluate(model_dir: Path, windows: dict[str, int | None]) -> dict[str, float]:
+    """Perplexity on the first ``windows[name]`` windows of each text (None: all of them)."""
     model, _ = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
     out = {}
     for name, text in TEXTS.items():
         w = eval_windows(tokenize(tokenizer, read_text(text)), 512)
-        w = w[:windows] if name == "wikitext2" else w
-        out[name] = perplexity(model, w, batch_size=8).perplexity
+        out[name] = perplexity(model, w[: windows[name]], batch_size=8).perplexity
     return out
+
+
+def eval_windows_of(model: str, args) -> dict[str, int | None]:
+    tiny = args.tinystories_windows if model == "smollm2-135m" else None
+    return {"tinystories": tiny, "wikitext2": args.wikitext_windows}
 
 
 def run_one(model: str, method: str, target: float, allocation: str, args) -> dict:
@@ -61,12 +73,15 @@ def run_one(model: str, method: str, target: float, allocation: str, args) -> di
         report = jp.prune(
             PruneConfig.of(
                 path, method, sparsity=target, calib=calib, nsamples=args.nsamples,
-                seqlen=args.seqlen, seed=0, out=out, allocation={"method": allocation},
+                seqlen=args.seqlen, seed=0, out=out, allocation=SETTINGS[allocation],
+                evaluate_dense=False,
             )
         )  # fmt: skip
+        windows = eval_windows_of(model, args)
         entry = {
             "model": model, "method": method, "target": target, "allocation": allocation,
-            "ppl": evaluate(out, args.wikitext_windows),
+            "settings": report["config"]["allocation"], "eval_windows": windows,
+            "ppl": evaluate(out, windows),
             "sparsity": report["summary"]["sparsity"],
             "relative_error_sum": report["summary"]["relative_error_sum"],
             "prune_seconds": report["prune_seconds"],
@@ -80,18 +95,51 @@ def run_one(model: str, method: str, target: float, allocation: str, args) -> di
     return entry
 
 
+def _cell(rows, method, target, allocation):
+    return next(
+        (
+            r
+            for r in rows
+            if (r["method"], r["target"], r["allocation"]) == (method, target, allocation)
+        ),
+        None,
+    )
+
+
+def _verdicts(rows: list[dict], model: str) -> list[str]:
+    """The issue's target at 70%, per method and text, computed from the cells."""
+    out = []
+    for method in METHODS:
+        cells = {a: _cell(rows, method, 0.7, a) for a in ("uniform", "owl", "optimal")}
+        if any(c is None for c in cells.values()):
+            out.append(f"* {model} {method} 70%: not every allocation was run")
+            continue
+        parts = []
+        for text in TEXTS:
+            o, u, w = (cells[a]["ppl"][text] for a in ("optimal", "uniform", "owl"))
+            below = "below" if o < u else "NOT below"
+            owl = "at or below" if o <= w else "NOT at or below"
+            parts.append(f"{text}: optimal {o:.2f} {below} uniform {u:.2f}, {owl} owl {w:.2f}")
+        met = all("NOT" not in p for p in parts)
+        out.append(f"* {model} {method} 70%: {'met' if met else 'missed'} ({'; '.join(parts)})")
+    return out
+
+
 def render(results: list[dict], args) -> str:
     lines = [
         SECTION,
         "",
         f"Machine: {machine()}. Every run prunes the uniform pattern's count of zeros "
-        "(the sparsity column is the achieved global figure over all decoder linears); owl: "
-        "M = 5, lambda = 0.08; optimal: 5 sparsities per layer within +-0.1 of the target, "
-        f"OBS error estimate. Calibration {args.nsamples} x {args.seqlen} tokens, seed 0 "
-        "(stories-mini: `tinystories_calib.txt`; smollm2-135m: `wikitext2_valid.txt`). "
-        "Perplexity at seqlen 512: tiny = `tinystories_eval.txt` (all windows), wiki* = the "
-        f"first {args.wikitext_windows} windows of `wikitext2_raw_test.txt`. "
-        "Each cell: tiny / wiki* (pruning seconds).",
+        "(achieved global sparsity over all decoder linears: the uniform count, within a "
+        "weight per layer); owl: M = 5, lambda = 0.08; optimal: 5 sparsities per layer within "
+        "+-0.1 of the target, OBS error estimate, each layer's relative error weighted by its "
+        "sublayer's share of the residual stream (`weight: residual`, the default since "
+        "session 11); optimal-equal: the same with equal weights (the first default). "
+        "Calibration 16 x 256 tokens, seed 0 (stories-mini: `tinystories_calib.txt`; "
+        "smollm2-135m: `wikitext2_valid.txt`). Perplexity at seqlen 512: tiny = "
+        "`tinystories_eval.txt`, wiki* = `wikitext2_raw_test.txt`, on the first windows each "
+        "model's line below names. Each cell: tiny / wiki* (pruning seconds, the dense "
+        "allocation pass included).",
         "",
         "```",
         "    .venv/bin/python bench/allocation.py " + " ".join(sys.argv[1:]),
@@ -102,29 +150,31 @@ def render(results: list[dict], args) -> str:
         rows = [r for r in results if r["model"] == model]
         if not rows:
             continue
-        lines += [f"### {model}", ""]
+        windows = rows[-1].get("eval_windows", {"tinystories": None, "wikitext2": 20})
+        tiny = "all" if windows["tinystories"] is None else f"first {windows['tinystories']}"
+        lines += [
+            f"### {model}",
+            "",
+            f"Evaluation windows: tiny {tiny}, wiki* first {windows['wikitext2']}.",
+            "",
+        ]
         cols = [(m, t) for t in (0.6, 0.7) for m in METHODS]
         lines.append("| allocation | " + " | ".join(f"{m} {t:g}" for m, t in cols) + " |")
         lines.append("|---" * (len(cols) + 1) + "|")
         for allocation in ALLOCATIONS:
-            cells = []
-            for method, target in cols:
-                r = next(
-                    (
-                        r
-                        for r in rows
-                        if (r["method"], r["target"], r["allocation"])
-                        == (method, target, allocation)
-                    ),
-                    None,
-                )
-                cells.append(
-                    "not run"
-                    if r is None
-                    else f"{r['ppl']['tinystories']:.2f} / {r['ppl']['wikitext2']:.2f} "
-                    f"({r['prune_seconds']:.0f} s)"
-                )
+            found = [_cell(rows, m, t, allocation) for m, t in cols]
+            if allocation == "optimal-equal" and not any(found):
+                continue
+            cells = [
+                "not run"
+                if r is None
+                else f"{r['ppl']['tinystories']:.2f} / {r['ppl']['wikitext2']:.2f} "
+                f"({r['prune_seconds']:.0f} s)"
+                for r in found
+            ]
             lines.append(f"| {allocation} | " + " | ".join(cells) + " |")
+        lines += ["", "Target (optimal below uniform and at or below owl at 70%), per method:", ""]
+        lines += _verdicts(rows, model)
         lines.append("")
     return "\n".join(lines)
 
@@ -138,6 +188,12 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--wikitext-windows", type=int, default=40)
+    parser.add_argument(
+        "--tinystories-windows",
+        type=int,
+        default=None,
+        help="smollm2-135m: evaluate TinyStories on its first N windows (default: all)",
+    )
     parser.add_argument("--keep-report", action="store_true", help="keep smollm2 report.json files")
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()

@@ -18,9 +18,16 @@ uniform does; each layer then gets an integer count, carried by an exact-count p
   each layer's measured points (``optimal_counts``): a continuous knapsack, solved exactly by
   taking segments in order of slope, with a Lagrangian lower bound as certificate.
 
-Relative errors (``||dW X||^2 / ||W0 X||^2``) are summed with equal weights: they are scale free,
-so layers deep in the residual stream, whose activations are larger, do not outweigh early
-ones, and a unit of relative error means the same loss of output signal in every layer.
+Relative errors (``||dW X||^2 / ||W0 X||^2``) are scale free, so layers deep in the residual
+stream, whose activations are larger, do not outweigh early ones. ``weight="equal"`` sums them
+as they are: a unit of relative error means the same loss of a layer's output signal anywhere.
+``weight="residual"`` (the default) weighs each by its sublayer's mean per-token squared update of the
+residual stream relative to the stream (``update_share``): a layer's relative error becomes,
+to first order, the relative error its sublayer writes into the normalised stream the rest of
+the model reads, so a sublayer that rewrites much of the stream counts for more than one that
+nudges it. Measured at 70% with wanda (bench/RESULTS.md, "Allocation"): equal weights put the
+zeros where relative errors are flat and lost to uniform on stories-mini; residual weights
+beat uniform and OWL there and on smollm2-135m.
 
 Allocations from the dense model need one pass over its blocks before pruning (``measure``):
 one block and its calibration activations in memory at a time, as in the engine. The result
@@ -275,6 +282,35 @@ class LayerMeasure(NamedTuple):
     shape: tuple[int, int]
     counts: tuple[int, ...]  # optimal: the measured zero counts
     errors: tuple[float, ...]  # optimal: the estimated relative error at each
+    weight: float = 1.0  # optimal: what a unit of this layer's relative error costs
+
+
+ATTENTION_ROLES = frozenset({"q", "k", "v", "o"})
+
+
+@jax.jit
+def _update_share_sums(before, after):
+    """Per batch: the sum over tokens of ``||after - before||^2 / ||before||^2``, and the count."""
+    before = before.astype(jnp.float32)
+    change = jnp.sum((after.astype(jnp.float32) - before) ** 2, axis=-1)
+    stream = jnp.maximum(jnp.sum(before**2, axis=-1), 1e-30)
+    return jnp.sum(change / stream), change.size
+
+
+def update_share(before, after) -> float:
+    """Mean over calibration tokens of a sublayer's squared update of the residual stream
+    relative to the stream it updates: ``||after_t - before_t||^2 / ||before_t||^2``.
+
+    Per token, because the next sublayer normalises each token's stream (RMSNorm / LayerNorm):
+    what reaches it of an error ``e`` written into the stream is ``e / ||stream_t||``, and a
+    sublayer's output error is its layers' relative error times its update's size. Massive
+    activations (a few tokens with streams far larger than the rest) would dominate a ratio of
+    sums; a mean of ratios weighs every token alike."""
+    total, count = 0.0, 0
+    for a, b in zip(before, after, strict=True):
+        batch_total, batch_count = _update_share_sums(a, b)
+        total, count = total + float(batch_total), count + int(batch_count)
+    return total / count
 
 
 def measure(
@@ -289,6 +325,7 @@ def measure(
     outlier ratio (``owl``). One block and its calibration activations are alive at a time."""
     from jprune.engine import (
         Activations,
+        _after_attention,
         _block_outputs,
         _block_pass,
         _flat_params,
@@ -317,6 +354,12 @@ def measure(
         stats = stream_statistics(
             graphdef, dict.fromkeys(taps, frozenset({"gram"})), state, state, x, None
         )
+        x_next = _block_pass(_block_outputs, graphdef, state, x, None)
+        shares = (1.0, 1.0)
+        if settings.method == "optimal" and settings.weight == "residual":
+            residual = _block_pass(_after_attention, graphdef, state, x, None)
+            shares = (update_share(x, residual), update_share(residual, x_next))
+            del residual
         scores = []
         for role in roles:
             weight = params[f"{role}.weight"].astype(jnp.float32)
@@ -329,10 +372,12 @@ def measure(
                 errors = tuple(layer_errors(weight, gram, patterns, settings.estimate).tolist())
             elif settings.method == "owl":
                 scores.append(wanda_scores(weight, gram))
-            layers.append(LayerMeasure(f"layers.{index}.{role}", index, shape, counts, errors))
+            weight = shares[0] if role in ATTENTION_ROLES else shares[1]
+            name = f"layers.{index}.{role}"
+            layers.append(LayerMeasure(name, index, shape, counts, errors, weight))
         if scores:
             ratios.append(outlier_ratio(scores, settings.outlier_m))
-        x = _block_pass(_block_outputs, graphdef, state, x, None)
+        x = x_next
         del block, state, stats, scores
     return layers, ratios
 
@@ -364,13 +409,18 @@ def plan(
         out["block_sparsity"] = [float(s) for s in block_sparsity]
     else:
         grid_counts = np.asarray([lm.counts for lm in layers])
-        grid_errors = np.asarray([lm.errors for lm in layers])
+        weights = np.asarray([lm.weight for lm in layers])
+        grid_errors = np.asarray([lm.errors for lm in layers]) * weights[:, None]
         counts, certificate = optimal_counts(
             grid_counts, grid_errors, budget, grid_counts.shape[1] // 2
         )
         out["certificate"] = {**certificate._asdict(), "gap": certificate.gap}
         out["measured"] = {
-            lm.name: {"counts": list(lm.counts), "relative_errors": list(lm.errors)}
+            lm.name: {
+                "counts": list(lm.counts),
+                "relative_errors": list(lm.errors),
+                "weight": lm.weight,
+            }
             for lm in layers
         }
     out["layers"] = {

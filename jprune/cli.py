@@ -127,6 +127,7 @@ FLAG_FIELDS = {
     "allocation_spread": ("allocation", "spread"),
     "allocation_points": ("allocation", "points"),
     "allocation_estimate": ("allocation", "estimate"),
+    "allocation_weight": ("allocation", "weight"),
 }
 
 
@@ -355,6 +356,14 @@ def _allocation_flags(group) -> None:
         choices=("obs", "mask"),
         help="optimal: the layer error estimate, obs (sum of OBS single-weight errors "
         "w^2/[H^-1]_jj, default) or mask (the exact error of the Wanda mask with no update)",
+    )
+    group.add_argument(
+        "--allocation-weight",
+        choices=("equal", "residual"),
+        help="optimal: how the layers' relative errors are summed: residual (default; each "
+        "weighted by its sublayer's mean per-token squared update of the residual stream "
+        "relative to the stream, measured on the dense model: an error where the sublayer "
+        "writes much of the stream costs more) or equal (unweighted)",
     )
 
 

@@ -43,6 +43,7 @@ class TargetConfig:
 
 ALLOCATIONS = ("uniform", "owl", "optimal")
 ERROR_ESTIMATES = ("obs", "mask")
+ERROR_WEIGHTS = ("equal", "residual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,12 @@ class AllocationConfig:
         "obs",
         "optimal: layer error estimate, OBS (w^2/[H^-1]_jj) or the mask's own",
         choices=ERROR_ESTIMATES,
+    )
+    weight: str = option(
+        "residual",
+        "optimal: how layers' relative errors are weighed against each other, equally or by "
+        "their sublayer's share of the residual stream",
+        choices=ERROR_WEIGHTS,
     )
 
 

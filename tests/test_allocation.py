@@ -285,3 +285,65 @@ def test_the_command_line_refuses_allocation_with_nm_in_one_line(assets, tmp_pat
     )
     assert main([*command, "--sparsity", "0.5", "--allocation", "owl", "--owl-lambda", "0.9"]) == 2
     assert "owl_lambda" in capsys.readouterr().err
+
+
+def test_residual_weights_are_each_sublayers_update_share_measured_by_transformers(assets):
+    """``weight="residual"``: every attention linear of block b carries the mean over tokens of
+    ``||o_proj output||^2 / ||block input||^2``, every MLP linear ``||down_proj output||^2 /
+    ||block input + o_proj output||^2`` (LLaMA: no post-sublayer norms), recomputed here from
+    transformers' own modules through hooks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jprune.allocation import measure
+    from jprune.blocks import CheckpointBlocks
+    from jprune.converters.hf import Checkpoint
+    from jprune.engine import EngineOptions
+
+    rng = np.random.default_rng(0)
+    checkpoint = Checkpoint(STORIES260K)
+    calibration = rng.integers(0, checkpoint.spec.vocab_size, size=(3, 48)).astype(np.int32)
+    settings = AllocationConfig(method="optimal", weight="residual")
+    layers, _ = measure(
+        CheckpointBlocks(checkpoint), calibration, Unstructured(0.5), settings,
+        EngineOptions(batch_size=2),
+    )  # fmt: skip
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES260K, torch_dtype=torch.float32).eval()
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = output
+
+        return hook
+
+    def keep_input(name):
+        def hook(module, args, kwargs):
+            seen[name] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.o_proj.register_forward_hook(keep(f"{i}.o"))
+        layer.mlp.down_proj.register_forward_hook(keep(f"{i}.down"))
+        layer.register_forward_pre_hook(keep_input(f"{i}.x"), with_kwargs=True)
+    with torch.no_grad():
+        model(torch.as_tensor(calibration, dtype=torch.long))
+
+    def share(update, stream):
+        update, stream = update.double().numpy(), stream.double().numpy()
+        return float(np.mean(np.sum(update**2, -1) / np.sum(stream**2, -1)))
+
+    by_name = {lm.name: lm.weight for lm in layers}
+    for i in range(checkpoint.spec.num_layers):
+        x = seen[f"{i}.x"]
+        attention = seen[f"{i}.o"]
+        expected_attention = share(attention, x)
+        expected_mlp = share(seen[f"{i}.down"], x + attention)
+        for role in ("q", "k", "v", "o"):
+            assert by_name[f"layers.{i}.{role}"] == pytest.approx(expected_attention, rel=1e-4)
+        for role in ("gate", "up", "down"):
+            assert by_name[f"layers.{i}.{role}"] == pytest.approx(expected_mlp, rel=1e-4)
+    # the weights differ between sublayers, so they change what the knapsack weighs
+    assert len({round(w, 6) for w in by_name.values()}) > 2
