@@ -21,11 +21,11 @@ uniform does; each layer then gets an integer count, carried by an exact-count p
 Relative errors (``||dW X||^2 / ||W0 X||^2``) are scale free, so layers deep in the residual
 stream, whose activations are larger, do not outweigh early ones. ``weight="equal"`` sums them
 as they are: a unit of relative error means the same loss of a layer's output signal anywhere.
-``weight="residual"`` (the default) weighs each by its sublayer's mean per-token squared update of the
-residual stream relative to the stream (``update_share``): a layer's relative error becomes,
-to first order, the relative error its sublayer writes into the normalised stream the rest of
-the model reads, so a sublayer that rewrites much of the stream counts for more than one that
-nudges it. Measured at 70% with wanda (bench/RESULTS.md, "Allocation"): equal weights put the
+``weight="residual"`` (the default) weighs each by its sublayer's mean per-token squared
+update of the residual stream relative to the stream (``update_share``): a layer's relative
+error becomes, to first order, the relative error its sublayer writes into the normalised
+stream the rest of the model reads, so a sublayer that rewrites much of the stream counts for
+more than one that nudges it. Measured at 70% with wanda (bench/RESULTS.md, "Allocation"): equal weights put the
 zeros where relative errors are flat and lost to uniform on stories-mini; residual weights
 beat uniform and OWL there and on smollm2-135m.
 
@@ -321,8 +321,11 @@ def measure(
     options,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[list[LayerMeasure], list[float]]:
-    """One pass over the dense model: per linear its error curve (``optimal``), per block its
-    outlier ratio (``owl``). One block and its calibration activations are alive at a time."""
+    """One pass over the dense model: per linear its error curve (``optimal``) and its
+    sublayer's share of the residual stream (``optimal`` with residual weights), per block its
+    outlier ratio (``owl``). One block is alive at a time, with its input and output streams
+    (and, for the shares, the stream entering its MLP: three streams of calibration
+    activations at the peak)."""
     from jprune.engine import (
         Activations,
         _after_attention,
@@ -372,9 +375,9 @@ def measure(
                 errors = tuple(layer_errors(weight, gram, patterns, settings.estimate).tolist())
             elif settings.method == "owl":
                 scores.append(wanda_scores(weight, gram))
-            weight = shares[0] if role in ATTENTION_ROLES else shares[1]
+            share = shares[0] if role in ATTENTION_ROLES else shares[1]
             name = f"layers.{index}.{role}"
-            layers.append(LayerMeasure(name, index, shape, counts, errors, weight))
+            layers.append(LayerMeasure(name, index, shape, counts, errors, share))
         if scores:
             ratios.append(outlier_ratio(scores, settings.outlier_m))
         x = x_next
