@@ -25,7 +25,7 @@ demo: $(STAMP)
 		--eval $(ASSETS)/text/tinystories_eval.txt --out out/stories260K-fista-50 --force
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
