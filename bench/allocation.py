@@ -20,6 +20,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import jax
+
 import jprune.prune as jp
 from jprune.config import PruneConfig
 from jprune.converters.hf import load_model
@@ -151,7 +153,9 @@ def render(results: list[dict], args) -> str:
         "(a rerun skips the cells already in `bench/allocation_results.json`; the first "
         "stories-mini cells, wanda 70% uniform / owl / optimal-equal and sparsegpt 70% uniform, "
         "are from the first allocation session, on a loaded machine, and the session 11 cells "
-        "shared the 2 cores with a CI run: compare perplexities, not seconds)",
+        "shared the 2 cores with a CI run: compare perplexities, not seconds; non-uniform "
+        "allocations also compile one program per distinct layer pattern, which their seconds "
+        "include)",
         "",
     ]
     for model in MODELS:
@@ -218,6 +222,10 @@ def main() -> None:
                         if key in done:
                             continue
                         entry = run_one(model, method, target, allocation, args)
+                        # Non-uniform allocations compile a program per distinct layer pattern;
+                        # one process running many cells ran out of memory for compiled code
+                        # (LLVM) during the ninth smollm2 cell.
+                        jax.clear_caches()
                         print(json.dumps(entry), flush=True)
                         results.append(entry)
                         RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
