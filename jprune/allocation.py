@@ -285,9 +285,6 @@ class LayerMeasure(NamedTuple):
     weight: float = 1.0  # optimal: what a unit of this layer's relative error costs
 
 
-ATTENTION_ROLES = frozenset({"q", "k", "v", "o"})
-
-
 @jax.jit
 def _update_share_sums(before, after):
     """Per batch: the sum over tokens of ``||after - before||^2 / ||before||^2``, and the count."""
@@ -327,6 +324,7 @@ def measure(
     (and, for the shares, the stream entering its MLP: three streams of calibration
     activations at the peak)."""
     from jprune.engine import (
+        RESIDUAL_LINEARS,
         Activations,
         _after_attention,
         _block_outputs,
@@ -375,7 +373,8 @@ def measure(
                 errors = tuple(layer_errors(weight, gram, patterns, settings.estimate).tolist())
             elif settings.method == "owl":
                 scores.append(wanda_scores(weight, gram))
-            share = shares[0] if role in ATTENTION_ROLES else shares[1]
+            # the attention sublayer's linears (q, k, v, o) against the MLP's (every expert's)
+            share = shares[0] if role in RESIDUAL_LINEARS else shares[1]
             name = f"layers.{index}.{role}"
             layers.append(LayerMeasure(name, index, shape, counts, errors, share))
         if scores:
