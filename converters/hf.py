@@ -518,18 +518,24 @@ def load_model(path: str | os.PathLike, dtype: str | None = None):
 
 
 def _check_widths(config: Mapping[str, Any], spec: ModelSpec, arrays) -> None:
-    """The MLP and value widths of the tensors are the ones the config declares, per layer."""
+    """The MLP and value widths of the tensors are the ones the config declares, per layer and
+    for every expert (a checkpoint whose experts differ would otherwise load and run)."""
     widths = layer_widths(config, spec)
-    mlp = "experts.0.down" if spec.num_experts else "down"
+    units = [f"experts.{e}." for e in range(spec.num_experts)] if spec.num_experts else [""]
     for i in range(spec.num_layers):
-        found = {
-            "intermediate": arrays[f"layers.{i}.{mlp}.weight"].shape[1],
-            "v_head": arrays[f"layers.{i}.v.weight"].shape[0] // spec.num_kv_heads,
-        }
-        for key, width in found.items():
+        found = []
+        for unit in units:
+            for role, axis in (("gate", 0), ("up", 0), ("down", 1)):
+                weight = arrays.get(f"layers.{i}.{unit}{role}.weight")
+                if weight is not None:
+                    found.append(("intermediate", f"{unit}{role}", weight.shape[axis]))
+        v_rows = arrays[f"layers.{i}.v.weight"].shape[0]
+        found.append(("v_head", "v", v_rows / spec.num_kv_heads))
+        for key, tensor, width in found:
             if width != widths[key][i]:
                 raise CheckpointError(
-                    f"layer {i}: tensors have {key} width {width}, the config says {widths[key][i]}"
+                    f"layer {i}: {tensor} has {key} width {width:g}, "
+                    f"the config says {widths[key][i]}"
                 )
 
 

@@ -19,10 +19,17 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from jprune.converters.hf import TOKENIZER_FILES, Checkpoint, load_model, read_tensors, save_model
+from jprune.converters.hf import (
+    TOKENIZER_FILES,
+    Checkpoint,
+    CheckpointError,
+    load_model,
+    read_tensors,
+    save_model,
+)
 from jprune.converters.spec import UnsupportedModelError, spec_from_hf_config
 from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
 from jprune.engine import accumulate_grams
@@ -479,6 +486,30 @@ def test_stacked_expert_layout_loads_and_is_written_back(zoo, tmp_path, arch):
     assert written.keys() == original.keys()
     for name, tensor in original.items():
         np.testing.assert_array_equal(written[name], tensor, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("arch", "tensor", "message"),
+    [
+        ("qwen3-moe", "model.layers.1.mlp.experts.2.up_proj.weight", "layer 1: experts.2.up has"),
+        (
+            "mixtral",
+            "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+            "layer 1: experts.3.down has",
+        ),
+        ("llama3-gqa", "model.layers.0.mlp.down_proj.weight", "layer 0: down has"),
+    ],
+)
+def test_tensor_width_other_than_the_config_is_refused(zoo, tmp_path, arch, tensor, message):
+    """Every expert's MLP tensors are checked against the config, not only the first expert's:
+    a narrower expert would otherwise load and run."""
+    copy = Path(shutil.copytree(zoo[arch], tmp_path / arch))
+    tensors = load_file(copy / "model.safetensors")
+    axis = 1 if tensor.endswith(("down_proj.weight", "w2.weight")) else 0
+    tensors[tensor] = np.delete(tensors[tensor], 0, axis=axis)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"{message} intermediate width"):
+        Checkpoint(copy)
 
 
 def _softmax(x):
