@@ -104,6 +104,33 @@ def lm_eval_hf(path: str, spec, batch_size: int) -> tuple[dict, float]:
     return out["results"], time.perf_counter() - started
 
 
+def pruning(directory: Path) -> dict | None:
+    """How a pruned checkpoint was made, from its report.json (None: no report there)."""
+    report = directory / "report.json"
+    if not report.exists():
+        return None
+    data = json.loads(report.read_text())
+    target, calibration = data["config"]["target"], data["config"]["calibration"]
+    return {
+        "method": target["method"],
+        "target": target["pattern"] or target["sparsity"],
+        "options": target["options"],
+        "calibration": f"{Path(calibration['text']).name}, "
+        f"{calibration['nsamples']} x {calibration['seqlen']} tokens, seed {calibration['seed']}",
+        "sparsity": data["summary"]["sparsity"],
+        "prune_seconds": data["prune_seconds"],
+    }
+
+
+def _changed_options(method: str, options: dict) -> str:
+    """The options of a run that differ from the method's defaults, as ``k=v`` text."""
+    from jprune.methods import get_method
+    from jprune.options import as_dict
+
+    defaults = as_dict(get_method(method).parse_options({}))
+    return ", ".join(f"{k}={v}" for k, v in options.items() if defaults.get(k) != v)
+
+
 def table(rows: dict[str, dict]) -> list[str]:
     head = "| model | " + " | ".join(f"{t} acc / acc_norm" for t in TASKS) + " | mean acc |"
     lines = [head, "|---" * (len(TASKS) + 2) + "|"]
@@ -165,6 +192,7 @@ def main(argv=None) -> int:
     for label_dir in args.pruned:
         label, _, path = label_dir.partition("=")
         rows[label], seconds = ours(path, spec, args.batch_size)
+        record.setdefault("pruning", {})[label] = pruning(Path(path))
         print(f"{label}: {seconds:.1f} s", file=sys.stderr)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
@@ -185,13 +213,46 @@ def section(record: dict) -> str:
         "",
         *table(record["rows"]),
     ]
+    errors = [
+        results[t][m.replace(",", "_stderr,")]
+        for results in record["rows"].values()
+        for t in TASKS
+        if t in results
+        for m in METRICS
+    ]
+    if errors:
+        lines += [
+            "",
+            f"Standard error of each accuracy (lm-eval's `acc_stderr`): {min(errors):.3f} to "
+            f"{max(errors):.3f}; differences between rows smaller than about twice that are noise.",
+        ]
+    made = record.get("pruning", {})
+    if made:
+        lines += [
+            "",
+            "How each pruned row was made (its report.json; the seconds are as it recorded them,"
+            " on whatever else the machine ran then):",
+            "",
+        ]
+        for label in [r for r in record["rows"] if r in made]:
+            info = made[label]
+            if info is None:
+                lines.append(f"- {label}: no report.json next to the checkpoint")
+                continue
+            options = _changed_options(info["method"], info["options"]) or "default options"
+            lines.append(
+                f"- {label}: `jprune prune --method {info['method']}` to {info['target']} "
+                f"({options}); calibration {info['calibration']}; achieved sparsity over the "
+                f"decoder linears {info['sparsity']:.6f}; pruned in {info['prune_seconds']:.0f} s."
+            )
     if timing:
         lines += [
             "",
             f"Time of `jprune eval --tasks` against lm-eval's `hf` model on the dense checkpoint, "
             f"same process, same tasks and batch size: jprune {timing['jprune_seconds']:.1f} s, "
             f"hf {timing['hf_seconds']:.1f} s, ratio hf / jprune **{timing['ratio_hf_over_jprune']:.2f}** "
-            f"(load average {timing['load_average']}). Both gave the same accuracies.",
+            f"(load average {timing['load_average']}). Both gave the same accuracies. Each time "
+            "is one run, JAX's compilation of each length bucket included.",
         ]
     return "\n".join(lines) + "\n"
 

@@ -339,11 +339,15 @@ class CausalLM(nnx.Module):
             logits = self.lm_head(x)
         return _softcap(logits, self.spec.final_softcap)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
+    def last_hidden(self, ids: jax.Array) -> jax.Array:
+        """Token ids (batch, seq) -> output of the last block (the input of ``head``)."""
         x = self.embed_tokens(ids)
         for block in self.layers:
             x, _ = block(x)
-        return self.head(x)
+        return x
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return self.head(self.last_hidden(ids))
 
 
 # ---- pure-function views, used under jit by eval and the pruning engine ----

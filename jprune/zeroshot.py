@@ -2,9 +2,9 @@
 
 ``JpruneLM`` is an lm-eval language model (``loglikelihood``, ``loglikelihood_rolling``,
 ``generate_until``) over a loaded ``CausalLM``. Requests become right-padded token batches
-of a fixed row count whose length is rounded up to a power of two, so the jit-compiled
-forward serves a task with a handful of shapes; with a causal model the padding after a
-sequence changes nothing before it. Tokenization follows lm-eval's ``hf`` model (the
+of a fixed row count whose length is rounded up to a bucket (a quarter-octave step), so the
+jit-compiled forward serves a task with a handful of shapes; with a causal model the padding
+after a sequence changes nothing before it. Only the scored positions go through the head. Tokenization follows lm-eval's ``hf`` model (the
 tokenizer's own special tokens, context/continuation split on the whole string, BOS (else
 EOS) before an empty context, left truncation to the model's context length), so both score
 the same token sequences.
@@ -104,11 +104,24 @@ class ZeroShot(NamedTuple):
 # ---- scoring: token sequences -> log-probabilities, batched over padded length buckets ----
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _token_scores(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, targets: jax.Array):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _token_scores(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    ids: jax.Array,
+    targets: jax.Array,
+    ends: jax.Array,
+    score_width: int,
+):
     """Log-probability of ``targets[b, t]`` after ``ids[b, :t+1]``, and whether it is the
-    argmax (float32)."""
-    logits = nnx.merge(graphdef, state)(ids)
+    argmax, at the ``score_width`` positions before ``ends[b]`` of each row (positions below 0
+    repeat position 0). Only those positions go through the head: with a 49k vocabulary the
+    head and its log-softmax over every position cost a fifth of a small model's forward."""
+    model = nnx.merge(graphdef, state)
+    hidden = model.last_hidden(ids)
+    positions = jnp.maximum(ends[:, None] - score_width + jnp.arange(score_width), 0)
+    logits = model.head(jnp.take_along_axis(hidden, positions[..., None], axis=1))
+    targets = jnp.take_along_axis(targets, positions, axis=1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logprob = picked - jax.nn.logsumexp(logits, axis=-1)
     return logprob, jnp.argmax(logits, axis=-1) == targets
@@ -122,9 +135,14 @@ def _next_tokens(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, last:
 
 
 def bucket_length(length: int, max_length: int) -> int:
-    """The padded length of a batch whose longest row is ``length``: the next power of two
-    (at least ``MIN_BUCKET``), never above ``max_length``."""
-    return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), max_length)
+    """The padded length of a batch whose longest row is ``length``: the next multiple of a
+    quarter of the power of two below it (2^k, 1.25 2^k, 1.5 2^k, 1.75 2^k; at least
+    ``MIN_BUCKET``), never above ``max_length``. At most a quarter of a bucket is padding
+    (power-of-two buckets pad 45-token rows to 64), and an octave compiles at most four shapes."""
+    if length <= MIN_BUCKET:
+        return min(MIN_BUCKET, max_length)
+    step = (1 << ((length - 1).bit_length() - 1)) // 4
+    return min(-(-length // step) * step, max_length)
 
 
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -166,16 +184,26 @@ def continuation_logprobs(
         width = bucket_length(len(sequences[batch[0]]) - 1, max_length)
         ids = np.zeros((batch_size, width), np.int32)
         targets = np.zeros((batch_size, width), np.int32)
+        ends = np.zeros(batch_size, np.int32)
         for row, index in enumerate(batch):
             seq = sequences[index]
             ids[row, : len(seq) - 1] = seq[:-1]
             targets[row, : len(seq) - 1] = seq[1:]
-        logprob, greedy = _token_scores(graphdef, state, jnp.asarray(ids), jnp.asarray(targets))
+            ends[row] = len(seq) - 1
+        # The scored positions: the last ``score_width`` before each row's end, enough for
+        # the batch's longest continuation (a power of two, so few shapes compile).
+        longest = max(min(len(pairs[i][1]), int(ends[r])) for r, i in enumerate(batch))
+        score_width = min(max(MIN_BUCKET, 1 << (longest - 1).bit_length()), width)
+        logprob, greedy = _token_scores(
+            graphdef, state, jnp.asarray(ids), jnp.asarray(targets), jnp.asarray(ends), score_width
+        )
         logprob, greedy = np.asarray(logprob, np.float64), np.asarray(greedy)
         for row, index in enumerate(batch):
-            end = len(sequences[index]) - 1
-            start = end - len(pairs[index][1])
-            out[index] = (float(logprob[row, start:end].sum()), bool(greedy[row, start:end].all()))
+            scored = min(len(pairs[index][1]), int(ends[row]))
+            out[index] = (
+                float(logprob[row, score_width - scored :].sum()),
+                bool(greedy[row, score_width - scored :].all()),
+            )
     return out
 
 

@@ -175,8 +175,19 @@ def test_batch_size_and_buckets_change_nothing(ours):
     one = continuation_logprobs(model, pairs, batch_size=1)
     three = continuation_logprobs(model, pairs, batch_size=3)
     assert np.allclose([o[0] for o in one], [t[0] for t in three], atol=1e-5)
-    assert bucket_length(5, 512) == 16 and bucket_length(33, 512) == 64
-    assert bucket_length(600, 512) == 512
+    # Quarter-octave buckets: 33..40 -> 40, 65..80 -> 80; never above the context.
+    assert [bucket_length(n, 512) for n in (5, 16, 17, 33, 40, 41, 64, 65)] == [
+        16,
+        16,
+        20,
+        40,
+        40,
+        48,
+        64,
+        80,
+    ]
+    assert bucket_length(600, 512) == 512 and bucket_length(500, 512) == 512
+    assert bucket_length(5, 8) == 8
 
 
 def _error(capsys, *argv) -> str:
