@@ -17,6 +17,7 @@ lower flat index is kept, so a projection never depends on the backend's sort.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, NamedTuple
 
@@ -195,6 +196,9 @@ def _nm_keep(groups: jax.Array, n: int) -> jax.Array:
     return jnp.sum(beaten_by, axis=-1) < n
 
 
+# Compiled once per (shape, pattern): called eagerly (a prototype's layer function), the
+# top-k search's loop and branch would otherwise be traced and compiled on every call.
+@functools.partial(jax.jit, static_argnames="pattern")
 def keep_mask(scores: jax.Array, pattern: Pattern) -> jax.Array:
     """Boolean mask of the entries to keep: the highest ``scores`` allowed by ``pattern``.
 

@@ -256,8 +256,8 @@ MESH_SCRIPT = textwrap.dedent(
 
 # The engine on a mesh is under test, not the methods' quality: spap runs its cheapest
 # settings. sparsegpt, optima and fista run test_sharding's settings (their defaults, 8 windows
-# of 64, row_blocks=8): their runs here then load that test's programs from the session's
-# compilation cache, or leave it theirs (the defaults cost seconds more to run, not to compile).
+# of 64, row_blocks=8), so that with a persistent compilation cache (JAX_COMPILATION_CACHE_DIR
+# set by hand; conftest says why the suite leaves it off) one run loads the other's programs.
 MESH_OPTIONS = {"spap": CHEAP_OPTIONS["spap"]}
 
 

@@ -111,8 +111,8 @@ METHODS = ("sparsegpt", "optima", "fista")
 # blocks 2 and 8 at a time, and 8 devices hold one window each. A 4-device mesh adds no case of
 # its own (the two-process test below spans one), only another compilation of every program.
 # test_methods_contract's mesh runs use these settings (8 windows of 64, row_blocks=8, default
-# options) for these methods, so one of the two loads the other's programs from the session's
-# compilation cache.
+# options) for these methods, so that with a persistent compilation cache (set by hand) one of
+# the two loads the other's programs.
 MESHES = ("1", "2", "8")
 
 
