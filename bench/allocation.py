@@ -130,7 +130,8 @@ def render(results: list[dict], args) -> str:
     lines = [
         SECTION,
         "",
-        f"Machine: {machine()}. Every run prunes the uniform pattern's count of zeros "
+        f"Machines: 2-core CPUs, jax 0.10.2 (cpu); the cells come from several sessions (below; "
+        f"this render: {machine()}). Every run prunes the uniform pattern's count of zeros "
         "(achieved global sparsity over all decoder linears: the uniform count, within a "
         "weight per layer); owl: M = 5, lambda = 0.08; optimal: 5 sparsities per layer within "
         "+-0.1 of the target, OBS error estimate, each layer's relative error weighted by its "
@@ -152,8 +153,10 @@ def render(results: list[dict], args) -> str:
         "",
         "(a rerun skips the cells already in `bench/allocation_results.json`; the first "
         "stories-mini cells, wanda 70% uniform / owl / optimal-equal and sparsegpt 70% uniform, "
-        "are from the first allocation session, on a loaded machine, and the session 11 cells "
-        "shared the 2 cores with a CI run: compare perplexities, not seconds; non-uniform "
+        "are from the first allocation session, on a loaded machine; the other 70% cells and "
+        "the stories-mini 60% cells are session 11's, on an AMD EPYC, sharing its 2 cores with "
+        "a CI run; the smollm2-135m 60% cells are session 12's, on an Intel Xeon, beside other "
+        "jobs: compare perplexities, not seconds; non-uniform "
         "allocations also compile one program per distinct layer pattern, which their seconds "
         "include)",
         "",
