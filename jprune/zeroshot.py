@@ -129,9 +129,11 @@ def _token_scores(
 
 @functools.partial(jax.jit, static_argnums=0)
 def _next_tokens(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, last: jax.Array):
-    """The argmax next token after position ``last[b]`` of each row."""
-    logits = nnx.merge(graphdef, state)(ids)
-    return jnp.argmax(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], axis=-1)
+    """The argmax next token after position ``last[b]`` of each row (only that position goes
+    through the head)."""
+    model = nnx.merge(graphdef, state)
+    hidden = jnp.take_along_axis(model.last_hidden(ids), last[:, None, None], axis=1)
+    return jnp.argmax(model.head(hidden)[:, 0], axis=-1)
 
 
 def bucket_length(length: int, max_length: int) -> int:
