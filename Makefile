@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: venv demo test lint
+.PHONY: venv demo test lint smollm2
 venv: $(STAMP)
 
 # Prune the reference model to 50% with FISTAPruner (cold start) and report perplexity
@@ -29,3 +29,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The real model the benchmarks use: the shared GGUF file converted to an HF checkpoint in the
+# git-ignored .cache/ (transformers reads GGUF through the gguf package).
+SMOLLM2 ?= .cache/smollm2-135m
+smollm2: $(SMOLLM2)/config.json
+$(SMOLLM2)/config.json: $(STAMP)
+	$(BIN)/pip install -q 'gguf>=0.10'
+	$(BIN)/python $(ASSETS)/models/smollm2-135m/build.py $(SMOLLM2)
