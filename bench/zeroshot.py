@@ -106,10 +106,13 @@ def lm_eval_hf(path: str, spec, batch_size: int) -> tuple[dict, float]:
 
 def pruning(directory: Path) -> dict | None:
     """How a pruned checkpoint was made, from its report.json (None: no report there)."""
-    report = directory / "report.json"
-    if not report.exists():
+    from jprune.errors import JpruneError
+    from jprune.report import read_report
+
+    try:
+        data = read_report(directory)
+    except JpruneError:
         return None
-    data = json.loads(report.read_text())
     target, calibration = data["config"]["target"], data["config"]["calibration"]
     return {
         "method": target["method"],

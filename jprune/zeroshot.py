@@ -4,8 +4,8 @@
 ``generate_until``) over a loaded ``CausalLM``. Requests become right-padded token batches
 of a fixed row count whose length is rounded up to a bucket (a quarter-octave step), so the
 jit-compiled forward serves a task with a handful of shapes; with a causal model the padding
-after a sequence changes nothing before it. Only the scored positions go through the head. Tokenization follows lm-eval's ``hf`` model (the
-tokenizer's own special tokens, context/continuation split on the whole string, BOS (else
+after a sequence changes nothing before it. Only the scored positions go through the head.
+Tokenization follows lm-eval's ``hf`` model (the tokenizer's own special tokens, context/continuation split on the whole string, BOS (else
 EOS) before an empty context, left truncation to the model's context length), so both score
 the same token sequences.
 
@@ -187,25 +187,24 @@ def continuation_logprobs(
         ids = np.zeros((batch_size, width), np.int32)
         targets = np.zeros((batch_size, width), np.int32)
         ends = np.zeros(batch_size, np.int32)
+        # A continuation never reaches past its row's start: the context is not empty, and
+        # the truncation keeps max_length + 1 >= len(continuation) + 1 tokens.
+        scored = [len(pairs[index][1]) for index in batch]
         for row, index in enumerate(batch):
             seq = sequences[index]
             ids[row, : len(seq) - 1] = seq[:-1]
             targets[row, : len(seq) - 1] = seq[1:]
             ends[row] = len(seq) - 1
         # The scored positions: the last ``score_width`` before each row's end, enough for
-        # the batch's longest continuation (a power of two, so few shapes compile).
-        longest = max(min(len(pairs[i][1]), int(ends[r])) for r, i in enumerate(batch))
-        score_width = min(max(MIN_BUCKET, 1 << (longest - 1).bit_length()), width)
+        # the batch's longest continuation (bucketed like the length, so few shapes compile).
+        score_width = min(bucket_length(max(scored), max_length), width)
         logprob, greedy = _token_scores(
             graphdef, state, jnp.asarray(ids), jnp.asarray(targets), jnp.asarray(ends), score_width
         )
         logprob, greedy = np.asarray(logprob, np.float64), np.asarray(greedy)
         for row, index in enumerate(batch):
-            scored = min(len(pairs[index][1]), int(ends[row]))
-            out[index] = (
-                float(logprob[row, score_width - scored :].sum()),
-                bool(greedy[row, score_width - scored :].all()),
-            )
+            first = score_width - scored[row]
+            out[index] = (float(logprob[row, first:].sum()), bool(greedy[row, first:].all()))
     return out
 
 
