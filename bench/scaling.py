@@ -7,7 +7,7 @@
 Sweeps (default): warm time of ``fista`` and of ``box_qp`` (masked CG on a fixed 50% mask, the
 OPTIMA / FISTA-refit QP) for a fixed number of iterations (``tol=0``) as ``d_in`` and ``d_out``
 grow, and of the Gram ``X^T X`` as the token count and ``d_in`` grow, with least-squares
-exponents on log-log; the documented per-layer memory bound (``engine.layer_memory_bytes``) at
+exponents on log-log; the documented per-layer memory bound (``memory.layer_memory_bytes``) at
 the LLaMA-3-8B shapes next to the measured peak-RSS growth of one real layer solve; and a
 projection of the 8B per-layer cost from the fitted exponents. ``--shapes llama3-8b`` times the
 8B layer shapes themselves on synthetic activations and reports TFLOP/s against
@@ -202,7 +202,7 @@ def rss_probe(d: int, iters: int) -> dict:
     twice: the first run's growth includes XLA compiling the executables, the second's is the
     arrays and temporaries of the compiled run, the part the bound describes.
     """
-    from jprune.engine import layer_memory_bytes  # the engine needs flax; the 8B modes do not
+    from jprune.memory import layer_memory_bytes
 
     tokens = 16384
     x = jax.block_until_ready(activations(jax.random.key(1), tokens, d))
@@ -240,12 +240,12 @@ def measure_rss(d: int, iters: int) -> dict:
 
 
 def memory_table(rss: dict | None) -> list[str]:
-    from jprune.engine import layer_memory_bytes  # the engine needs flax; the 8B modes do not
+    from jprune.memory import layer_memory_bytes
 
     gib = 2.0**30
     act = CALIB_TOKENS * LLAMA3_8B_HIDDEN * 4
     lines = [
-        "Per-layer bound `jprune.engine.layer_memory_bytes(d_out, d_in, num_grams, "
+        "Per-layer bound `jprune.memory.layer_memory_bytes(d_out, d_in, num_grams, "
         "activation_bytes)` at the LLaMA-3-8B shapes, 128 x 2048 calibration tokens, float32 "
         f"(one activation stream = {act / gib:.0f} GiB). Single stream (one Gram; SparseGPT, "
         "Wanda, OPTIMA) and intra-block (three Grams, dense + pruned streams; FISTA):",
@@ -380,7 +380,7 @@ def run_sweeps(args) -> str:
     lines += [
         "",
         f"Gram `X^T X` (float32), batches of {args.gram_batch:,} tokens, one "
-        "jitted `G + x^T x` per batch as in `engine.stream_grams`:",
+        "jitted `G + x^T x` per batch as in `walk.statistics`:",
         "",
         "| tokens | d_in | compile (s) | warm (s) | GFLOP/s |",
         "|---|---|---|---|---|",
@@ -559,7 +559,7 @@ def time_method(name: str, d_out: int, d_in: int, tokens: int, options: dict) ->
     weight = np.asarray(result.weight)
     kept = np.count_nonzero(weight) / weight.size
     # The report's relative error, ||(W - W0) X||^2 / ||W0 X||^2, by the engine's own formula.
-    from jprune.engine import reconstruction_error
+    from jprune.records import reconstruction_error
 
     error, reference = reconstruction_error(
         result.weight, problem.weight, problem.gram, None, problem.gram

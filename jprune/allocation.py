@@ -43,10 +43,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from jprune import walk
 from jprune.converters.spec import block_linear_names, linear_input
 from jprune.errors import JpruneError
+from jprune.methods.wanda import wanda_scores
 from jprune.solvers import NM, Unstructured, keep_mask, num_pruned
 
 JOURNAL_KEY = "allocation"
@@ -214,11 +215,6 @@ def optimal_counts(
 # ---------------------------------------------------------------- per-layer measurements
 
 
-def wanda_scores(weight: jax.Array, gram: jax.Array) -> jax.Array:
-    """``|W_ij| ||X_j||`` from the Gram's diagonal."""
-    return jnp.abs(weight) * jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))[None, :]
-
-
 def _obs_saliency(weight: jax.Array, gram: jax.Array, damp: float = 0.01) -> jax.Array:
     """OBS's error for removing each weight alone, ``w_ij^2 / [H^-1]_jj`` (SparseGPT's damping)."""
     diag = jnp.diagonal(gram)
@@ -322,43 +318,24 @@ def measure(
     sublayer's share of the residual stream (``optimal`` with residual weights), per block its
     outlier ratio (``owl``). One block is alive at a time, with its input and output streams
     (and, for the shares, the stream entering its MLP: three streams of calibration
-    activations at the peak)."""
-    from jprune.engine import (
-        RESIDUAL_LINEARS,
-        Activations,
-        _after_attention,
-        _block_outputs,
-        _block_pass,
-        _flat_params,
-        embed_tokens_fn,
-        stream_statistics,
-    )
-    from jprune.sharding import replicate, shard_leading
+    activations at the peak). ``options``: the run's ``engine.EngineOptions``."""
+    spec = blocks.spec
+    roles = block_linear_names(spec)  # every expert's linears in a mixture of experts
+    wanted = dict.fromkeys({linear_input(r) for r in roles}, frozenset({"gram"}))
+    layers: list[LayerMeasure] = []
+    ratios: list[float] = []
 
-    spec, size = blocks.spec, options.batch_size
-    graph, state = nnx.split(blocks.shell)
-    state = jax.tree.map(lambda a: replicate(a, options.mesh), state)
-    windows = [calibration[s : s + size] for s in range(0, calibration.shape[0], size)]
-    x = Activations(
-        [embed_tokens_fn(graph, state, shard_leading(w, options.mesh)) for w in windows], options
-    )
-    layers, ratios = [], []
-    for index in range(spec.num_layers):
+    def visit(index: int, weights: walk.BlockWeights, x: walk.Stream) -> walk.Stream:
         if progress is not None:
             progress(f"allocation: block {index}", index, spec.num_layers)
-        block = blocks.load(index)
-        graphdef, state = nnx.split(block)
-        state = jax.tree.map(lambda a: replicate(a, options.mesh), state)
-        params = _flat_params(state)
-        roles = block_linear_names(spec)  # every expert's linears in a mixture of experts
-        taps = {linear_input(r) for r in roles}
-        stats = stream_statistics(
-            graphdef, dict.fromkeys(taps, frozenset({"gram"})), state, state, x, None
+        params = weights.arrays
+        stats = walk.statistics(
+            weights, weights, wanted, x, None, reproducible=options.row_blocks > 0
         )
-        x_next = _block_pass(_block_outputs, graphdef, state, x, None)
+        x_next = walk.outputs(weights, x)
         shares = (1.0, 1.0)
         if settings.method == "optimal" and settings.weight == "residual":
-            residual = _block_pass(_after_attention, graphdef, state, x, None)
+            residual = walk.residual(weights, x)
             shares = (update_share(x, residual), update_share(residual, x_next))
             del residual
         scores = []
@@ -374,13 +351,16 @@ def measure(
             elif settings.method == "owl":
                 scores.append(wanda_scores(weight, gram))
             # the attention sublayer's linears (q, k, v, o) against the MLP's (every expert's)
-            share = shares[0] if role in RESIDUAL_LINEARS else shares[1]
-            name = f"layers.{index}.{role}"
-            layers.append(LayerMeasure(name, index, shape, counts, errors, share))
+            share = shares[0] if role in walk.RESIDUAL_LINEARS else shares[1]
+            layers.append(
+                LayerMeasure(f"layers.{index}.{role}", index, shape, counts, errors, share)
+            )
         if scores:
             ratios.append(outlier_ratio(scores, settings.outlier_m))
-        x = x_next
-        del block, state, stats, scores
+        return x_next
+
+    x = walk.embed(blocks.shell, calibration, options.batch_size, options.placement)
+    walk.walk(blocks, x, visit)
     return layers, ratios
 
 

@@ -6,7 +6,8 @@ The engine and the evaluator walk a model one decoder block at a time through a 
   the only weights alive for the whole run;
 * ``load(i)``: block ``i`` as a ``Block`` module;
 * ``store(i, block, state)``: block ``i`` is final (``state`` is the engine's ``BlockState``
-  after it: what a resumed run needs to continue from there);
+  after it: what a resumed run needs to continue from there); returns the seconds it took,
+  by part;
 * ``resume()``: the ``BlockState`` to continue from, or ``None`` to start at block 0.
 
 ``InMemoryBlocks`` wraps a loaded ``CausalLM`` (pruned in place). ``CheckpointBlocks`` reads an
@@ -17,15 +18,15 @@ the depth of the model.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from flax import nnx
 
 from jprune.converters.hf import BlockShards, Checkpoint
-from jprune.model import Block, CausalLM
+from jprune.model import Block, CausalLM, flat_arrays
 from jprune.sharding import to_host
 
 
@@ -40,10 +41,7 @@ class BlockState(NamedTuple):
 
 def block_arrays(block: Block, index: int) -> dict[str, np.ndarray]:
     """Block ``index``'s parameters on the host, by canonical name (``layers.{index}.q.weight``)."""
-    flat = nnx.to_flat_state(nnx.state(block, nnx.Param))
-    return {
-        f"layers.{index}." + ".".join(str(k) for k in path): to_host(var[...]) for path, var in flat
-    }
+    return {name: to_host(a) for name, a in flat_arrays(block, f"layers.{index}.").items()}
 
 
 class InMemoryBlocks:
@@ -57,8 +55,9 @@ class InMemoryBlocks:
     def load(self, index: int) -> Block:
         return self.model.layers[index]
 
-    def store(self, index: int, block: Block, state: BlockState) -> None:
+    def store(self, index: int, block: Block, state: BlockState) -> dict[str, float]:
         del index, block, state  # the block is the model's own module, already updated
+        return {}
 
     def resume(self) -> BlockState | None:
         return None
@@ -86,11 +85,15 @@ class CheckpointBlocks:
     def load(self, index: int) -> Block:
         return Block(self.checkpoint.block(index), index, self.spec)
 
-    def store(self, index: int, block: Block, state: BlockState) -> None:
+    def store(self, index: int, block: Block, state: BlockState) -> dict[str, float]:
+        """Write the block's shard and journal the engine state; the seconds of each."""
+        started = time.perf_counter()
         if self.shards is not None:
             self.shards.write_block(index, block_arrays(block, index))
+        written = time.perf_counter()
         if self.journal is not None:
             self.journal.save(state)
+        return {"write": written - started, "journal": time.perf_counter() - written}
 
     def resume(self) -> BlockState | None:
         return None if self.journal is None else self.journal.load()

@@ -178,7 +178,7 @@ def prune_config(args: argparse.Namespace):
 def cmd_prune(args: argparse.Namespace) -> int:
     if args.help_options:
         return _print_method_options(args.method)
-    from jprune.config import resolve
+    from jprune.plan import resolve
 
     run = resolve(prune_config(args))
     from tqdm import tqdm

@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from jprune.errors import JpruneError
 from jprune.options import as_dict, option, parse_fields
@@ -254,96 +254,3 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise JpruneError(f"config file {str(path)!r} must hold a mapping of sections")
     return dict(data)
-
-
-def check_engine_options(method, intra_block: bool, batch_size: int, row_blocks: int, devices: int):
-    """Refuse, by name, an engine setting the method cannot honour."""
-    if intra_block and method.structured:
-        raise JpruneError(
-            f"{method.name} prunes attention then MLP channels in stages of its own; "
-            "--intra-block is for unstructured methods (its error correction is --option correction)"
-        )
-    if row_blocks < 0:
-        raise JpruneError(f"row_blocks must be 0 (off) or a positive count, got {row_blocks}")
-    if batch_size < 1:
-        raise JpruneError(f"batch size must be at least 1, got {batch_size}")
-    if row_blocks % devices:
-        raise JpruneError(
-            f"row_blocks {row_blocks} does not split over the {devices}-device mesh: "
-            "choose a count the mesh size divides"
-        )
-
-
-class Run(NamedTuple):
-    """A checked run: the resolved configuration and the typed values it stands for."""
-
-    config: PruneConfig  # method options complete, intra_block decided
-    method: Any  # methods.Method
-    target: Any  # a solvers Pattern, or structured.Channels
-    method_options: Any  # the method's options dataclass
-
-
-def _target(method, target) -> Any:
-    from jprune.solvers import parse_pattern
-    from jprune.structured import Channels
-
-    if method.structured:
-        if target.sparsity is None or target.pattern is not None:
-            raise JpruneError(
-                f"{method.name} is structured: give --sparsity, the fraction of channels removed"
-            )
-        if target.scope != "row":
-            raise JpruneError(f"{method.name} is structured: --scope is for unstructured methods")
-        if not 0 <= target.sparsity < 1:
-            raise JpruneError(f"structured sparsity must be in [0, 1), got {target.sparsity}")
-        return Channels(target.sparsity)
-    try:
-        return parse_pattern(sparsity=target.sparsity, nm=target.pattern, scope=target.scope)
-    except ValueError as err:
-        raise JpruneError(str(err)) from None
-
-
-def resolve(config: PruneConfig) -> Run:
-    """Check everything that can be checked without the model; fill the method's defaults."""
-    for value, what in (
-        (config.model.path, "model"),
-        (config.calibration.text, "calibration text"),
-    ):
-        if not value:
-            raise JpruneError(f"no {what} given")
-    from jprune.methods import get_method
-
-    method = get_method(config.target.method)
-    options = method.parse_options(config.target.options)
-    target = _target(method, config.target)
-    if method.validate is not None:
-        method.validate(options, target)
-    engine = config.engine
-    if (
-        engine.mesh is not None
-        and engine.mesh != "auto"
-        and not (isinstance(engine.mesh, int) and engine.mesh >= 1)
-    ):
-        raise JpruneError(f"mesh must be a device count >= 1 or 'auto', got {engine.mesh!r}")
-    from jprune.allocation import check_allocation
-
-    check_allocation(config.allocation, method, target)
-    intra_block = method.intra_block if engine.intra_block is None else engine.intra_block
-    check_engine_options(method, intra_block, engine.batch_size, engine.row_blocks, 1)
-    evaluation = config.evaluation
-    if not evaluation.tasks:
-        for key in ("include_path", "num_fewshot", "limit"):
-            if getattr(evaluation, key) is not None:
-                raise JpruneError(f"evaluation.{key} is for evaluation.tasks (--tasks)")
-    else:
-        from jprune.zeroshot import require_lm_eval, task_spec
-
-        task_spec(config.evaluation).check()
-        require_lm_eval()
-    out = config.output.out
-    if out is not None and Path(out).exists() and not config.output.force:
-        raise JpruneError(f"output {out!r} already exists (use --force to replace it)")
-    resolved = config.replace(
-        target={"options": as_dict(options)}, engine={"intra_block": intra_block}
-    )
-    return Run(resolved, method, target, options)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jprune import walk
+from jprune.blocks import as_blocks
 from jprune.errors import JpruneError
 
 
@@ -25,16 +27,6 @@ class Perplexity(NamedTuple):
 
 # Logits of at most this many bytes (float32) exist at once: the head runs on token chunks.
 LOGITS_CHUNK_BYTES = 1 << 26
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state).embed_tokens(ids)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(x)[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -100,8 +92,6 @@ def perplexity(
     ``LOGITS_CHUNK_BYTES`` at a time. Windows go ``batch_size`` at a time through each block.
     ``progress(n)`` is called with the number of blocks done after each block.
     """
-    from jprune.blocks import as_blocks
-
     blocks = as_blocks(model)
     spec = blocks.spec
     count, seqlen = windows.shape
@@ -112,19 +102,19 @@ def perplexity(
     if batch_size < 1:
         raise JpruneError(f"batch size must be positive, got {batch_size}")
     batch_size = min(batch_size, count)
-    ids = _padded(np.asarray(windows), batch_size)
-    shell_graph, shell_state = nnx.split(blocks.shell)
-    x = [np.asarray(_embed(shell_graph, shell_state, jnp.asarray(b))) for b in ids]
-    for index in range(spec.num_layers):
-        graphdef, state = nnx.split(blocks.load(index))
-        x = [np.asarray(_block(graphdef, state, jnp.asarray(b))) for b in x]
-        del graphdef, state
+
+    def on_block(index: int) -> None:
         if progress is not None:
             progress(1)
+
+    ids = _padded(np.asarray(windows), batch_size)
+    # Activations of every window live in host memory; one batch at a time is on the device.
+    x = walk.embed(blocks.shell, np.concatenate(ids), batch_size, walk.Placement(offload=True))
+    x = walk.walk(blocks, x, lambda index, weights, x: walk.outputs(weights, x), on_block)
     vocab = spec.vocab_size
     chunk = max(1, min(LOGITS_CHUNK_BYTES // (4 * vocab), batch_size * (seqlen - 1)))
     total = 0.0
-    for number, (batch_ids, batch_x) in enumerate(zip(ids, x, strict=True)):
+    for number, (batch_ids, batch_x) in enumerate(zip(ids, x.batches, strict=True)):
         real = min(batch_size, count - number * batch_size)
         total += _summed_nll(blocks.shell, batch_x[:real], batch_ids[:real], chunk)
     tokens = count * (seqlen - 1)

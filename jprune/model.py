@@ -373,7 +373,8 @@ def apply_block(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _embed(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+def embed_apply(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+    """Pure embedding: (model structure, weights, token ids) -> the first block's inputs."""
     return nnx.merge(graphdef, state).embed_tokens(ids)
 
 
@@ -383,17 +384,24 @@ def _head(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
 
 
 def embed_tokens(model: CausalLM, ids: jax.Array) -> jax.Array:
-    return _embed(*nnx.split(model), ids)
+    return embed_apply(*nnx.split(model), ids)
 
 
 def head_logits(model: CausalLM, x: jax.Array) -> jax.Array:
     return _head(*nnx.split(model), x)
 
 
+def flat_arrays(tree: nnx.Module | nnx.State, prefix: str = "") -> dict[str, jax.Array]:
+    """Dotted name -> parameter array of a module (its ``nnx.Param``s) or of a split state,
+    each name after ``prefix`` (``flat_arrays(block, "layers.3.")`` gives ``layers.3.q.weight``)."""
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    return {prefix + ".".join(str(k) for k in path): var[...] for path, var in flat}
+
+
 def named_arrays(model: CausalLM) -> dict[str, jax.Array]:
     """Canonical dotted name -> parameter array (e.g. ``layers.0.q.weight``)."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {".".join(str(k) for k in path): var[...] for path, var in flat}
+    return flat_arrays(model)
 
 
 def parameter_count(model: CausalLM) -> int:

@@ -23,7 +23,7 @@ import jax
 from jprune import memory
 from jprune.allocation import allocate
 from jprune.blocks import CheckpointBlocks
-from jprune.config import PruneConfig, Run, check_engine_options, resolve
+from jprune.config import PruneConfig
 from jprune.converters.hf import (
     BlockShards,
     Checkpoint,
@@ -34,16 +34,18 @@ from jprune.converters.hf import (
     write_metadata,
 )
 from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
-from jprune.engine import EngineOptions, prune_model, summarize
+from jprune.engine import EngineOptions, prune_model
 from jprune.errors import JpruneError
 from jprune.evaluate import evaluation_bytes, perplexity
+from jprune.plan import Plan, resolve
+from jprune.records import summarize
 from jprune.sharding import make_mesh, mesh_size
 from jprune.solvers import NM
 from jprune.staging import Staging, fingerprint
 
 ProgressFn = Callable[[str, int, int], None]
 
-__all__ = ["JpruneError", "PruneConfig", "Run", "prune", "resolve"]
+__all__ = ["JpruneError", "Plan", "PruneConfig", "prune", "resolve"]
 
 
 def _layer_hf_name(spec) -> Callable[[str], str]:
@@ -59,7 +61,7 @@ def _layer_hf_name(spec) -> Callable[[str], str]:
     return shown
 
 
-def prune(config: PruneConfig | Run, progress: ProgressFn | None = None) -> dict[str, Any]:
+def prune(config: PruneConfig | Plan, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Prune as ``config`` says and return the report; write it to ``config.output.out``.
 
     ``engine.mesh`` spreads calibration batches and layer rows over devices (``"auto"``: all
@@ -73,14 +75,15 @@ def prune(config: PruneConfig | Run, progress: ProgressFn | None = None) -> dict
     each layer is solved as N equal row blocks, so the pruned weights are bit-identical on
     every mesh whose size divides N.
     """
-    run = config if isinstance(config, Run) else resolve(config)
+    run = config if isinstance(config, Plan) else resolve(config)
     with jax.default_matmul_precision(run.config.engine.matmul_precision):
         return _prune(run, progress)
 
 
-def _engine_options(run: Run) -> EngineOptions:
+def _engine_options(run: Plan) -> EngineOptions:
+    """The engine's options, on the devices the run has (they check themselves)."""
     settings = run.config.engine
-    engine = EngineOptions(
+    return EngineOptions(
         sequential=settings.sequential,
         intra_block=settings.intra_block,
         batch_size=settings.batch_size,
@@ -88,13 +91,9 @@ def _engine_options(run: Run) -> EngineOptions:
         offload=settings.offload,
         row_blocks=settings.row_blocks,
     )
-    check_engine_options(
-        run.method, engine.intra_block, engine.batch_size, engine.row_blocks, mesh_size(engine.mesh)
-    )
-    return engine
 
 
-def _check_model(run: Run, checkpoint: Checkpoint) -> None:
+def _check_model(run: Plan, checkpoint: Checkpoint) -> None:
     """Refuse what the model cannot take, from the config and tensor headers alone."""
     seqlen = run.config.calibration.seqlen
     limit = checkpoint.spec.max_position_embeddings
@@ -105,7 +104,7 @@ def _check_model(run: Run, checkpoint: Checkpoint) -> None:
     )
 
 
-def _texts(run: Run):
+def _texts(run: Plan):
     """The calibration windows and the evaluation windows per text."""
     config = run.config
     tokenizer = load_tokenizer(config.model.path)
@@ -142,7 +141,7 @@ def _perplexities(model, evaluations, batch_size, label, progress) -> dict[str, 
     return result
 
 
-def _zero_shot(path, run: Run, manager, label, progress):
+def _zero_shot(path, run: Plan, manager, label, progress):
     """lm-eval accuracies of the checkpoint at ``path`` (loaded whole), or None without tasks."""
     from jprune.zeroshot import evaluate_tasks, task_spec
 
@@ -160,7 +159,7 @@ def _zero_shot(path, run: Run, manager, label, progress):
     return result.as_dict()
 
 
-def _check_tasks(run: Run):
+def _check_tasks(run: Plan):
     """lm-eval's task manager with every task and dataset found, before any model work; the
     zero-shot evaluation runs in one process (it is refused on several)."""
     from jprune.zeroshot import check_tasks, task_spec
@@ -194,7 +193,7 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _open_staging(run: Run, writer: bool) -> Staging:
+def _open_staging(run: Plan, writer: bool) -> Staging:
     """The staging directory: checked (stale, resume) before any work; a temporary one when
     the run writes no output (blocks still go to disk, so memory stays bounded)."""
     output = run.config.output
@@ -234,7 +233,7 @@ def _memory_report(outcome, baseline: int, evaluations) -> dict[str, Any]:
     }
 
 
-def _prune(run: Run, progress: ProgressFn | None) -> dict[str, Any]:
+def _prune(run: Plan, progress: ProgressFn | None) -> dict[str, Any]:
     started = time.perf_counter()
     config = run.config
     engine = _engine_options(run)
@@ -290,13 +289,10 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
                 {"evaluation": config.to_dict()["evaluation"], "result": zero_shot_before},
             )
     prune_started = time.perf_counter()
-    allocation = allocate(
-        CheckpointBlocks(checkpoint), calibration, target, config.allocation, engine, staging,
-        progress,
-    )  # fmt: skip
     blocks = CheckpointBlocks(
         checkpoint, BlockShards(staging.path, checkpoint.spec) if writer else None, staging
     )
+    allocation = allocate(blocks, calibration, target, config.allocation, engine, staging, progress)
     outcome = prune_model(
         blocks, calibration, method, target, run.method_options, engine,
         hf_config=checkpoint.config, progress=progress, hf_names=_layer_hf_name(checkpoint.spec),

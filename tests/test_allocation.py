@@ -21,9 +21,10 @@ from jprune.allocation import (
     owl_sparsities,
     plan,
 )
-from jprune.config import AllocationConfig, PruneConfig, resolve
+from jprune.config import AllocationConfig, PruneConfig
 from jprune.errors import JpruneError
 from jprune.methods import METHODS, LayerProblem
+from jprune.plan import resolve
 from jprune.solvers import Unstructured, keep_mask, num_pruned
 from jprune.staging import describe_difference
 

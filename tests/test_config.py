@@ -11,9 +11,10 @@ import pytest
 import jprune.converters.hf as hf
 import jprune.prune
 from jprune.cli import main
-from jprune.config import PruneConfig, read_config, resolve
+from jprune.config import PruneConfig, read_config
 from jprune.converters.hf import read_tensors
 from jprune.errors import JpruneError
+from jprune.plan import resolve
 
 from conftest import CALIB_TEXT, STORIES260K
 

@@ -32,10 +32,10 @@ from jprune.converters.hf import (
 )
 from jprune.converters.spec import UnsupportedModelError, spec_from_hf_config
 from jprune.data import eval_windows, load_tokenizer, read_text, tokenize
-from jprune.engine import accumulate_grams
 from jprune.errors import JpruneError
 from jprune.methods.base import UNROUTED_FALLBACK
 from jprune.model import apply_block, logits
+from jprune.walk import accumulate_grams
 
 import hf_zoo
 from conftest import CALIB_TEXT, CHEAP_OPTIONS, EVAL_TEXT, STORIES260K, prune_with

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jprune.config import PruneConfig, resolve
+from jprune.config import PruneConfig
 from jprune.converters.hf import load_model
 from jprune.data import calibration_windows, load_tokenizer, read_text, tokenize
 from jprune.engine import EngineOptions, prune_model
@@ -24,6 +24,7 @@ from jprune.errors import JpruneError
 from jprune.methods import METHODS, LayerProblem
 from jprune.model import CausalLM, logits, named_arrays
 from jprune.options import _hints
+from jprune.plan import resolve
 from jprune.solvers import NM, Unstructured
 from jprune.structured import Channels, num_removed
 

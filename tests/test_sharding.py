@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from jprune.engine import canonical_gram
 from jprune.sharding import make_mesh, pad_rows
+from jprune.walk import canonical_gram
 
 from conftest import (
     CALIB_TEXT,
@@ -39,7 +39,8 @@ SCRIPT = textwrap.dedent(
         return jp.prune(PruneConfig.of(model, method, **settings))
     from jprune.converters.hf import load_model
     from jprune.data import calibration_windows, load_tokenizer, read_text, tokenize
-    from jprune.engine import EngineOptions, _solve_layer, accumulate_grams
+    from jprune.mesh_solve import Devices, solve_layer
+    from jprune.walk import accumulate_grams
     from jprune.methods import LayerProblem, get_method
     from jprune.sharding import make_mesh
     from jprune.solvers import Unstructured
@@ -51,7 +52,7 @@ SCRIPT = textwrap.dedent(
     def layer_check(method, problem):
         answers = {
             m: np.asarray(
-                _solve_layer(get_method(method).layer, problem, Unstructured(0.5), get_method(method).options(), EngineOptions(mesh=make_mesh(m)))[0]
+                solve_layer(get_method(method).layer, problem, Unstructured(0.5), get_method(method).options(), Devices(make_mesh(m)))[0]
             )
             for m in meshes
         }

@@ -176,6 +176,15 @@ class Method:
         }
         return parse_fields(self.options, raw, f"method {self.name!r}", owners)
 
+    def check_engine(self, intra_block: bool) -> None:
+        """Refuse, by name, an engine setting this method cannot honour."""
+        if intra_block and self.structured:
+            raise JpruneError(
+                f"{self.name} prunes attention then MLP channels in stages of its own; "
+                "--intra-block is for unstructured methods (its error correction is "
+                "--option correction)"
+            )
+
     def describe_options(self) -> str:
         lines = describe(self.options)
         head = f"{self.name}: {self.summary}"
