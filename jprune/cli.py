@@ -1,15 +1,33 @@
-"""The ``jprune`` command line: parse, show progress, call one library function, report."""
+"""The ``jprune`` command line: parse, show progress, call one library function, report.
+
+``jprune prune``'s flags are generated from the run configuration (``config.SECTIONS``): one
+flag per field, spelled, typed, explained and defaulted by the field itself (its ``option``
+metadata), so a field added to a section is a flag, a recipe key and a report.json entry at
+once. Only the flags that set no field (--config, --help-options, --distributed, --quiet) are
+written here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+import textwrap
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
+from jprune.config import (
+    DTYPES,
+    SECTIONS,
+    EvaluationConfig,
+    PruneConfig,
+    read_config,
+)
 from jprune.errors import JpruneError
-
-DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+from jprune.options import Flag, default_of, split_optional
+from jprune.plan import resolve
 
 
 def _progress_bar(total: int, desc: str, quiet: bool):
@@ -37,12 +55,13 @@ def _task_spec(args: argparse.Namespace):
     """The zero-shot tasks of ``--tasks`` and its companions, checked (None without --tasks)."""
     from jprune.zeroshot import TaskSpec
 
-    if args.tasks is None:
-        for flag in ("include_path", "num_fewshot", "limit"):
-            if getattr(args, flag) is not None:
-                raise JpruneError(f"--{flag.replace('_', '-')} is for --tasks")
+    tasks, *companions = task_flags()
+    if getattr(args, tasks.dest) is None:
+        for flag in companions:
+            if getattr(args, flag.dest) is not None:
+                raise JpruneError(f"{flag.name} is for {tasks.name}")
         return None
-    return TaskSpec(args.tasks, args.include_path, args.num_fewshot, args.limit).check()
+    return TaskSpec(*(getattr(args, f.dest) for f in (tasks, *companions))).check()
 
 
 def cmd_eval_tasks(args: argparse.Namespace, spec) -> int:
@@ -89,97 +108,191 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_option(text: str) -> tuple[str, str]:
+class ConfigFlag(NamedTuple):
+    """A ``jprune prune`` flag generated from one field of a configuration section."""
+
+    section: str  # the section's name in ``config.SECTIONS`` (and in a recipe)
+    field: dataclasses.Field
+    hint: Any  # the field's type
+
+    @property
+    def spelling(self) -> Flag:
+        return self.field.metadata.get("flag") or Flag()
+
+    @property
+    def name(self) -> str:
+        return self.spelling.name or "--" + self.field.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return f"{self.section}.{self.field.name}"
+
+    @property
+    def exclusive(self) -> str | None:
+        return self.field.metadata.get("exclusive")
+
+    def value(self, given: Any) -> Any:
+        """The field's value for what argparse parsed."""
+        if self.spelling.inverted:
+            return not given
+        if _is_mapping(self.hint):
+            return dict(given)  # (key, value) pairs
+        return given
+
+
+def _is_mapping(hint) -> bool:
+    return typing.get_origin(hint) in (Mapping, dict)
+
+
+def section_flags(section: str, cls) -> list[ConfigFlag]:
+    """One flag per field of the section dataclass ``cls``, in field order."""
+    hints = typing.get_type_hints(cls)
+    return [ConfigFlag(section, f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def config_flags() -> list[ConfigFlag]:
+    """One flag per field of every configuration section, in section order."""
+    return [flag for name, cls in SECTIONS.items() for flag in section_flags(name, cls)]
+
+
+def _alternatives(flag: ConfigFlag, flags: Sequence[ConfigFlag]) -> list[ConfigFlag]:
+    """The other flags of ``flag``'s exclusive set (giving one unsets the others)."""
+    if flag.exclusive is None:
+        return []
+    return [
+        f
+        for f in flags
+        if f is not flag and (f.section, f.exclusive) == (flag.section, flag.exclusive)
+    ]
+
+
+def _key_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"method option {text!r} is not KEY=VALUE")
     return key.strip(), value
 
 
-# --flag -> (config section, key); flags left out of the command line keep the --config value.
-FLAG_FIELDS = {
-    "model": ("model", "path"),
-    "dtype": ("model", "dtype"),
-    "method": ("target", "method"),
-    "scope": ("target", "scope"),
-    "calib": ("calibration", "text"),
-    "nsamples": ("calibration", "nsamples"),
-    "seqlen": ("calibration", "seqlen"),
-    "seed": ("calibration", "seed"),
-    "intra_block": ("engine", "intra_block"),
-    "batch_size": ("engine", "batch_size"),
-    "mesh": ("engine", "mesh"),
-    "offload": ("engine", "offload"),
-    "row_blocks": ("engine", "row_blocks"),
-    "matmul_precision": ("engine", "matmul_precision"),
-    "eval": ("evaluation", "texts"),
-    "eval_seqlen": ("evaluation", "seqlen"),
-    "tasks": ("evaluation", "tasks"),
-    "include_path": ("evaluation", "include_path"),
-    "num_fewshot": ("evaluation", "num_fewshot"),
-    "limit": ("evaluation", "limit"),
-    "out": ("output", "out"),
-    "force": ("output", "force"),
-    "resume": ("output", "resume"),
-    "allocation": ("allocation", "method"),
-    "outlier_m": ("allocation", "outlier_m"),
-    "owl_lambda": ("allocation", "owl_lambda"),
-    "allocation_spread": ("allocation", "spread"),
-    "allocation_points": ("allocation", "points"),
-    "allocation_estimate": ("allocation", "estimate"),
-    "allocation_weight": ("allocation", "weight"),
-}
+def _comma_list(text: str) -> tuple[str, ...]:
+    items = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"no names in {text!r}")
+    return items
+
+
+def _default_text(flag: ConfigFlag, alternatives: Sequence[ConfigFlag]) -> str:
+    """The default as --help shows it: the field's own, or what leaving it unset means."""
+    meta = flag.field.metadata
+    if meta.get("required"):
+        return "required" + "".join(f" unless {f.name}" for f in alternatives)
+    default = default_of(flag.field)
+    if flag.spelling.inverted:
+        default = not default
+    if default is None or default in ((), {}):
+        shown = meta.get("unset") or "none"
+    elif isinstance(default, bool):
+        shown = "on" if default else "off"
+    else:
+        shown = str(default)
+    return f"default: {shown}"
+
+
+def _argument(flag: ConfigFlag, alternatives: Sequence[ConfigFlag]) -> dict[str, Any]:
+    """argparse's keywords for ``flag``: action, type and choices from the field's type.
+
+    Every flag's argparse default is None, so a flag left out is told apart from one given,
+    and the --config file keeps its value."""
+    meta = flag.field.metadata
+    help_text = f"{meta.get('help', '')} ({_default_text(flag, alternatives)})"
+    kwargs: dict[str, Any] = {"dest": flag.dest, "help": help_text.replace("%", "%%")}
+    base, _ = split_optional(flag.hint)
+    if base is bool:
+        return kwargs | {"action": argparse.BooleanOptionalAction}
+    if _is_mapping(base):
+        kwargs |= {"action": "append", "type": _key_value}
+    elif typing.get_origin(base) is tuple:
+        kwargs |= {"action": "append"} if flag.spelling.repeat else {"type": _comma_list}
+    elif base in (int, float):
+        kwargs["type"] = base
+    choices = [c for c in meta.get("choices") or () if c is not None]
+    if choices:
+        return kwargs | {"choices": choices}
+    metavar = flag.spelling.metavar or flag.name.removeprefix("--").replace("-", "_").upper()
+    return kwargs | {"metavar": metavar}
+
+
+def add_flags(container, flags: Sequence[ConfigFlag]) -> None:
+    """One argument per flag; the alternatives of an exclusive set exclude each other."""
+    exclusive_groups: dict[str, Any] = {}
+    for flag in flags:
+        alternatives = _alternatives(flag, flags)
+        target = container
+        if alternatives:
+            if flag.exclusive not in exclusive_groups:
+                exclusive_groups[flag.exclusive] = container.add_mutually_exclusive_group()
+            target = exclusive_groups[flag.exclusive]
+        target.add_argument(flag.name, **_argument(flag, alternatives))
+
+
+def given_values(args: argparse.Namespace, flags: Sequence[ConfigFlag]) -> dict[str, dict]:
+    """The fields set on the command line, by section; a flag left out sets nothing."""
+    given: dict[str, dict] = {}
+    for flag in flags:
+        value = getattr(args, flag.dest)
+        if value is None:
+            continue
+        section = given.setdefault(flag.section, {})
+        section[flag.field.name] = flag.value(value)
+        for other in _alternatives(flag, flags):  # the file's alternative gives way
+            section.setdefault(other.field.name, default_of(other.field))
+    return given
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value == ""
+
+
+def _check_required(data: Mapping[str, Mapping], flags: Sequence[ConfigFlag]) -> None:
+    """Refuse, naming the flags and keys, a required field that neither the command line nor
+    --config gave."""
+    for flag in flags:
+        if not flag.field.metadata.get("required"):
+            continue
+        group = [flag, *_alternatives(flag, flags)]
+        if not all(_unset(data.get(f.section, {}).get(f.field.name)) for f in group):
+            continue
+        if len(group) == 1:
+            raise JpruneError(
+                f"{flag.name} is required (on the command line or as {flag.dest} in --config)"
+            )
+        raise JpruneError(
+            f"give {' or '.join(f.name for f in group)} "
+            f"(or {' / '.join(f.dest for f in group)} in --config)"
+        )
 
 
 def prune_config(args: argparse.Namespace):
     """The run's configuration: the --config file, then every flag given on the command line."""
-    from jprune.config import PruneConfig, read_config
-
     data = read_config(args.config) if args.config else {}
     data = {name: dict(section or {}) for name, section in data.items()}
-
-    file_method = (data.get("target") or {}).get("method")
-
-    def put(section: str, key: str, value) -> None:
-        data.setdefault(section, {})[key] = value
-
-    for flag, (section, key) in FLAG_FIELDS.items():
-        if getattr(args, flag) is not None:
-            put(section, key, getattr(args, flag))
-    if args.parallel_blocks:
-        put("engine", "sequential", False)
-    if args.sparsity is not None or args.pattern is not None:
-        put("target", "sparsity", args.sparsity)
-        put("target", "pattern", args.pattern)
-    options = dict(data.get("target", {}).get("options") or {})
-    if args.method is not None and args.method != file_method:
-        options = {}  # another method on the command line: the file's options were for its own
-    options.update(dict(args.option or ()))
-    if args.mask_from is not None:
-        options["mask_from"] = args.mask_from
-    put("target", "options", options)
-    for section, key, flag in (
-        ("model", "path", "--model"),
-        ("target", "method", "--method"),
-        ("calibration", "text", "--calib"),
-    ):
-        if not data.get(section, {}).get(key):
-            raise JpruneError(
-                f"{flag} is required (on the command line or as {section}.{key} in --config)"
-            )
-    target = data["target"]
-    if target.get("sparsity") is None and target.get("pattern") is None:
-        raise JpruneError(
-            "give --sparsity or --pattern (or target.sparsity / target.pattern in --config)"
-        )
+    flags = config_flags()
+    given = given_values(args, flags)
+    file_target, given_target = data.get("target", {}), given.get("target", {})
+    file_method = file_target.get("method")
+    # The file's method options are for its own method: another --method starts afresh.
+    same_method = given_target.get("method", file_method) == file_method
+    options = dict(file_target.get("options") or {}) if same_method else {}
+    options.update(given_target.get("options", {}))
+    for section, values in given.items():
+        data.setdefault(section, {}).update(values)
+    data.setdefault("target", {})["options"] = options
+    _check_required(data, flags)
     return PruneConfig.from_dict(data, f"--config {args.config}" if args.config else "command line")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     if args.help_options:
-        return _print_method_options(args.method)
-    from jprune.plan import resolve
-
+        return _print_method_options(getattr(args, "target.method"))
     run = resolve(prune_config(args))
     from tqdm import tqdm
 
@@ -237,228 +350,70 @@ def _print_method_options(name: str | None) -> int:
     return 0
 
 
+def _wrapped(text: str) -> str:
+    """A paragraph (a docstring's too) filled for the raw-description help."""
+    return textwrap.fill(" ".join(text.split()), 76)
+
+
+def _methods_epilog() -> str:
+    """The registered methods, one line each (the registry may grow: read when the parser is
+    built)."""
+    from jprune.methods import METHODS
+
+    labels = {n: n + (" (structured)" if m.structured else "") for n, m in METHODS.items()}
+    width = max(map(len, labels.values()))
+    lines = [
+        "methods (--help-options lists each one's options; a structured method removes "
+        "channels\nand writes a smaller checkpoint):"
+    ]
+    for name in sorted(METHODS):
+        head = f"  {labels[name]:<{width}}  "
+        lines.append(
+            textwrap.fill(
+                METHODS[name].summary, 78, initial_indent=head, subsequent_indent=" " * len(head)
+            )
+        )
+    return "\n".join(lines)
+
+
 def add_prune_parser(sub) -> None:
     pr = sub.add_parser(
         "prune",
         help="prune a model and write a pruned HF checkpoint",
-        description="Prune every linear inside the decoder blocks of an HF model, block by block from a calibration text, "
-        "and write an HF checkpoint (dense tensors with zeros) with report.json inside. Every setting can also come "
-        "from --config (YAML or JSON, sections model/target/calibration/engine/evaluation/output; a report.json "
-        "replays its run); flags given on the command line override the file.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_wrapped(
+            "Prune every linear inside the decoder blocks of an HF model, block by block from "
+            "a calibration text, and write an HF checkpoint (dense tensors with zeros) with "
+            "report.json inside. Every setting can also come from --config (YAML or JSON, one "
+            f"mapping per section: {', '.join(SECTIONS)}, keyed by the field names; a "
+            "report.json replays its run); flags given on the command line override the file."
+        ),
+        epilog=_methods_epilog(),
     )
-    _target_flags(pr.add_argument_group("what to prune"))
-    _allocation_flags(
-        pr.add_argument_group("layer-wise sparsity allocation (unstructured --sparsity)")
-    )
-    _data_flags(pr.add_argument_group("calibration and evaluation"))
-    _engine_flags(pr.add_argument_group("engine"))
-    _output_flags(pr.add_argument_group("output"))
-    pr.set_defaults(func=cmd_prune)
-
-
-def _target_flags(group) -> None:
-    from jprune.methods import METHODS
-    from jprune.methods.optima import SELECTORS
-
-    structured = sorted(n for n, m in METHODS.items() if m.structured)
-    group.add_argument(
+    pr.add_argument(
         "--config",
         metavar="FILE",
-        help="read the run's configuration from a YAML or JSON recipe, or from a report.json to replay that run",
+        help="read the run's configuration from a YAML or JSON recipe, or from a report.json to "
+        "replay that run",
     )
-    group.add_argument("--model", help="Hugging Face model directory to prune (required)")
-    group.add_argument(
-        "--method",
-        choices=sorted(METHODS),
-        help="pruning method (required); structured (channels removed, smaller checkpoint): "
-        + ", ".join(structured)
-        + "; --help-options lists each method's options",
-    )
-    group.add_argument(
+    pr.add_argument(
         "--help-options",
         action="store_true",
-        help="list the options of --method (of every method without it) with their defaults, and exit",
+        help="list the options of --method (of every method without it) with their defaults, "
+        "and exit",
     )
-    target = group.add_mutually_exclusive_group()
-    target.add_argument(
-        "--sparsity",
-        type=float,
-        help="fraction of weights set to zero, in (0, 1); for structured methods the fraction of channels removed",
-    )
-    target.add_argument(
-        "--pattern",
-        help="semi-structured N:M pattern: keep N of every M consecutive inputs (e.g. 2:4, 4:8)",
-    )
-    group.add_argument(
-        "--scope",
-        choices=("row", "matrix"),
-        help="with --sparsity: exact count per output row (default) or per layer",
-    )
-    group.add_argument(
-        "--option",
-        action="append",
-        type=_method_option,
-        metavar="KEY=VALUE",
-        help="a method option, checked against the method's typed options before anything is loaded, "
-        "e.g. --option blocksize=64; repeat for several (--help-options lists them)",
-    )
-    group.add_argument(
-        "--mask-from",
-        metavar="SELECTOR",
-        help="optima: the method whose mask is reconstructed, one of "
-        + ", ".join(SELECTORS)
-        + " (default: wanda)",
-    )
-    group.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        help="cast the weights on load (default: keep the stored dtype)",
-    )
-
-
-def _allocation_flags(group) -> None:
-    group.add_argument(
-        "--allocation",
-        choices=("uniform", "owl", "optimal"),
-        help="how the global budget of zeros is shared among the linears: uniform (every layer at "
-        "--sparsity, default), owl (outlier-weighted, Yin et al. 2023: blocks with more Wanda-score "
-        "outliers keep more weights), optimal (per-layer sparsities minimising the summed estimated "
-        "relative error, solved exactly with a certificate); the global count of zeros is the "
-        "uniform one in every case; N:M patterns and structured methods refuse it",
-    )
-    group.add_argument(
-        "--outlier-m",
-        type=float,
-        metavar="M",
-        help="owl: a score is an outlier above M times its block's mean score (default: 5)",
-    )
-    group.add_argument(
-        "--owl-lambda",
-        type=float,
-        metavar="LAMBDA",
-        help="owl: block sparsities spread within +-LAMBDA around --sparsity (default: 0.08)",
-    )
-    group.add_argument(
-        "--allocation-spread",
-        type=float,
-        metavar="S",
-        help="optimal: each layer's error is measured at sparsities within +-S of --sparsity "
-        "(default: 0.1)",
-    )
-    group.add_argument(
-        "--allocation-points",
-        type=int,
-        metavar="K",
-        help="optimal: sparsities measured per layer, odd (default: 5)",
-    )
-    group.add_argument(
-        "--allocation-estimate",
-        choices=("obs", "mask"),
-        help="optimal: the layer error estimate, obs (sum of OBS single-weight errors "
-        "w^2/[H^-1]_jj, default) or mask (the exact error of the Wanda mask with no update)",
-    )
-    group.add_argument(
-        "--allocation-weight",
-        choices=("equal", "residual"),
-        help="optimal: how the layers' relative errors are summed: residual (default; each "
-        "weighted by its sublayer's mean per-token squared update of the residual stream "
-        "relative to the stream, measured on the dense model: an error where the sublayer "
-        "writes much of the stream costs more) or equal (unweighted)",
-    )
-
-
-def _data_flags(group) -> None:
-    group.add_argument("--calib", help="calibration text file (required)")
-    group.add_argument("--nsamples", type=int, help="calibration windows (default: 128)")
-    group.add_argument("--seqlen", type=int, help="tokens per calibration window (default: 512)")
-    group.add_argument(
-        "--seed", type=int, help="seed of the calibration window starts (default: 0)"
-    )
-    group.add_argument(
-        "--eval",
-        action="append",
-        metavar="FILE",
-        help="text to report perplexity on before and after; repeat for several",
-    )
-    group.add_argument(
-        "--eval-seqlen", type=int, help="window length for --eval (default: --seqlen)"
-    )
-    _task_flags(group)  # zero-shot accuracy before and after, into report.json
-
-
-def _engine_flags(group) -> None:
-    group.add_argument(
-        "--parallel-blocks",
-        action="store_true",
-        help="feed every block the dense model's inputs instead of the pruned model's (FISTAPruner's parallel mode)",
-    )
-    group.add_argument(
-        "--intra-block",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="prune q,k,v -> o -> gate,up -> down in stages, each seeing the pruned upstream outputs, targeting the "
-        "dense outputs (default: the method's own protocol; on for fista; structured methods refuse it)",
-    )
-    group.add_argument(
-        "--batch-size",
-        type=int,
-        help="calibration/evaluation windows per forward pass (default: 8)",
-    )
-    group.add_argument(
-        "--mesh",
-        help="devices to spread the work over: N (the first N devices) or 'auto' (all); calibration "
-        "batches are split across them and each layer's rows are sharded (default: one device)",
-    )
-    group.add_argument(
-        "--offload",
-        action="store_true",
-        default=None,
-        help="keep block activations in host memory between forward passes (for models whose "
-        "calibration activations do not fit on the accelerator)",
-    )
-    group.add_argument(
+    groups = {}
+    for name, cls in SECTIONS.items():
+        groups[name] = pr.add_argument_group(name, _wrapped(cls.__doc__ or ""))
+        add_flags(groups[name], section_flags(name, cls))
+    groups["engine"].add_argument(
         "--distributed",
         action="store_true",
         help="multi-host run: call jax.distributed.initialize() (coordinator address, process count "
         "and id from the environment, see README); only process 0 writes --out",
     )
-    group.add_argument(
-        "--matmul-precision",
-        choices=("float32", "tensorfloat32"),
-        help="precision of every matrix product: float32 (default) keeps Grams and solvers in "
-        "true float32; tensorfloat32 lets GPUs use TF32 tensor cores (faster, ~1e-3 relative "
-        "error per product; CPUs compute float32 either way)",
-    )
-    group.add_argument(
-        "--row-blocks",
-        type=int,
-        metavar="N",
-        help="reproducible mode: sum the Grams window by window in a fixed order and solve each "
-        "layer as N equal row blocks, so the pruned weights are bit-identical on every --mesh "
-        "whose size divides N (e.g. 8 for 1, 2, 4 or 8 devices); slower, most on one device; "
-        "structured methods get the fixed-order Grams and solve each layer whole (default 0: off)",
-    )
-
-
-def _output_flags(group) -> None:
-    group.add_argument(
-        "--out",
-        help="output directory for the pruned checkpoint and report.json (must not exist unless --force)",
-    )
-    group.add_argument(
-        "--force",
-        action="store_true",
-        default=None,
-        help="replace --out if it exists, and discard an interrupted run's staging directory",
-    )
-    group.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="continue an interrupted run from the last block finished in --out's staging "
-        "directory (.OUT.partial); refused if the model, calibration or settings differ",
-    )
-    group.add_argument("--quiet", action="store_true", help="no progress bar")
+    groups["output"].add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(func=cmd_prune)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -487,39 +442,13 @@ def add_report_parser(sub) -> None:
     rp.set_defaults(func=cmd_report)
 
 
-def _task_names(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"no task names in {text!r}")
-    return names
+TASK_FIELDS = ("tasks", "include_path", "num_fewshot", "limit")
 
 
-def _task_flags(group) -> None:
-    group.add_argument(
-        "--tasks",
-        type=_task_names,
-        metavar="NAME[,NAME...]",
-        help="lm-evaluation-harness tasks to report accuracy on (lm-eval's names, e.g. "
-        "boolq,arc_easy, or tasks of --include-path); needs pip install 'jprune[eval]' and each "
-        "task's dataset (downloaded, cached, or a local file)",
-    )
-    group.add_argument(
-        "--include-path",
-        metavar="DIR",
-        help="--tasks: a folder of lm-eval task YAMLs, searched besides lm-eval's own",
-    )
-    group.add_argument(
-        "--num-fewshot",
-        type=int,
-        metavar="K",
-        help="--tasks: examples in each prompt (default: each task's own, 0 for most)",
-    )
-    group.add_argument(
-        "--limit",
-        type=int,
-        metavar="N",
-        help="--tasks: at most N documents per task (default: all)",
-    )
+def task_flags() -> list[ConfigFlag]:
+    """The evaluation section's zero-shot fields, which ``jprune eval`` takes too."""
+    flags = {f.field.name: f for f in section_flags("evaluation", EvaluationConfig)}
+    return [flags[name] for name in TASK_FIELDS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -544,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--text",
         help="text file to evaluate on, or a named dataset (wikitext2, c4) when online",
     )
-    _task_flags(ev)
+    add_flags(ev, task_flags())
     ev.add_argument(
         "--seqlen",
         type=int,
@@ -559,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--dtype",
-        choices=DTYPE_CHOICES,
+        choices=DTYPES,
         default=None,
         help="cast the weights on load (default: keep the stored dtype); arithmetic is float32",
     )
@@ -580,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     cv.add_argument(
         "--dtype",
-        choices=DTYPE_CHOICES,
+        choices=DTYPES,
         default=None,
         help="cast the weights (default: keep the stored dtype)",
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jprune.errors import JpruneError
-from jprune.options import as_dict, option, parse_fields
+from jprune.options import Flag, as_dict, option, parse_fields
 
 DTYPES = ("float32", "float16", "bfloat16")
 MATMUL_PRECISIONS = ("float32", "tensorfloat32")
@@ -26,18 +26,55 @@ SCOPES = ("row", "matrix")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    path: str = option("", "Hugging Face model directory")
-    dtype: str | None = option(None, "cast the weights on load", choices=(None, *DTYPES))
+    """The model to prune."""
+
+    path: str = option(
+        "",
+        "Hugging Face model directory to prune",
+        required=True,
+        flag=Flag("--model", metavar="DIR"),
+    )
+    dtype: str | None = option(
+        None, "cast the weights on load", choices=(None, *DTYPES), unset="keep the stored dtype"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TargetConfig:
-    method: str = option("", "pruning method (jprune prune --help lists them)")
-    sparsity: float | None = option(None, "fraction of weights (structured: channels) removed")
-    pattern: str | None = option(None, "N:M pattern, e.g. 2:4")
-    scope: str = option("row", "unstructured budget per output row or per matrix", choices=SCOPES)
-    options: Mapping[str, Any] = dataclasses.field(
-        default_factory=dict, metadata={"help": "the method's options (key: value)"}
+    """What to prune and how much: the method, its options and the sparsity or N:M pattern."""
+
+    method: str = option(
+        "",
+        "pruning method: one of those listed below, whose options --help-options lists",
+        required=True,
+    )
+    sparsity: float | None = option(
+        None,
+        "fraction of weights set to zero, in (0, 1); for structured methods the fraction of "
+        "channels removed",
+        required=True,
+        exclusive="amount",
+        flag=Flag(metavar="S"),
+    )
+    pattern: str | None = option(
+        None,
+        "semi-structured N:M pattern: keep N of every M consecutive inputs (e.g. 2:4, 4:8)",
+        required=True,
+        exclusive="amount",
+        flag=Flag(metavar="N:M"),
+    )
+    scope: str = option(
+        "row",
+        "with --sparsity: an exact count of zeros per output row, or per matrix (layer)",
+        choices=SCOPES,
+    )
+    options: Mapping[str, Any] = option(
+        None,
+        "a method option, checked against the method's typed options before anything is "
+        "loaded, e.g. --option blocksize=64; repeat for several (--help-options lists them)",
+        unset="the method's defaults",
+        flag=Flag("--option", metavar="KEY=VALUE"),
+        factory=dict,
     )
 
 
@@ -48,41 +85,71 @@ ERROR_WEIGHTS = ("equal", "residual")
 
 @dataclasses.dataclass(frozen=True)
 class AllocationConfig:
-    """How the global budget of zeros is shared among the linears (``jprune.allocation``)."""
+    """How the global budget of zeros is shared among the linears (jprune.allocation), for an
+    unstructured --sparsity: N:M patterns and structured methods refuse a non-uniform one."""
 
-    method: str = option("uniform", "layer-wise sparsity allocation", choices=ALLOCATIONS)
+    method: str = option(
+        "uniform",
+        "uniform (every layer at --sparsity), owl (outlier-weighted, Yin et al. 2023: blocks "
+        "with more Wanda-score outliers keep more weights) or optimal (per-layer sparsities "
+        "minimising the summed estimated relative error, solved exactly with a certificate); "
+        "the global count of zeros is the uniform one in every case",
+        choices=ALLOCATIONS,
+        flag=Flag("--allocation"),
+    )
     outlier_m: float = option(
-        5.0, "owl: outliers are scores above M times the block mean", low=0, low_open=True
+        5.0,
+        "owl: a score is an outlier above M times its block's mean score",
+        low=0,
+        low_open=True,
+        flag=Flag(metavar="M"),
     )
     owl_lambda: float = option(
-        0.08, "owl: block sparsities spread within +-lambda of the target", low=0, high=0.5
+        0.08,
+        "owl: block sparsities spread within +-LAMBDA around --sparsity",
+        low=0,
+        high=0.5,
+        flag=Flag(metavar="LAMBDA"),
     )
     spread: float = option(
         0.1,
-        "optimal: layer sparsities measured within +-spread of the target",
+        "optimal: each layer's error is measured at sparsities within +-S of --sparsity",
         low=0,
         high=0.5,
         low_open=True,
+        flag=Flag("--allocation-spread", metavar="S"),
     )
     points: int = option(
-        5, "optimal: sparsities measured per layer (odd, the target in the middle)", low=3
+        5,
+        "optimal: sparsities measured per layer, odd (--sparsity in the middle)",
+        low=3,
+        flag=Flag("--allocation-points", metavar="K"),
     )
     estimate: str = option(
         "obs",
-        "optimal: layer error estimate, OBS (w^2/[H^-1]_jj) or the mask's own",
+        "optimal: the layer error estimate, obs (sum of OBS single-weight errors "
+        "w^2/[H^-1]_jj) or mask (the exact error of the Wanda mask with no update)",
         choices=ERROR_ESTIMATES,
+        flag=Flag("--allocation-estimate"),
     )
     weight: str = option(
         "residual",
-        "optimal: how layers' relative errors are weighed against each other, equally or by "
-        "their sublayer's share of the residual stream",
+        "optimal: how the layers' relative errors are summed: residual (each weighted by its "
+        "sublayer's mean per-token squared update of the residual stream relative to the "
+        "stream, measured on the dense model: an error where the sublayer writes much of the "
+        "stream costs more) or equal (unweighted)",
         choices=ERROR_WEIGHTS,
+        flag=Flag("--allocation-weight"),
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationConfig:
-    text: str = option("", "calibration text file")
+    """The calibration windows: random windows of a tokenized text."""
+
+    text: str = option(
+        "", "calibration text file", required=True, flag=Flag("--calib", metavar="FILE")
+    )
     nsamples: int = option(128, "calibration windows", low=1)
     seqlen: int = option(512, "tokens per calibration window", low=1)
     seed: int = option(0, "seed of the calibration window starts", low=0)
@@ -90,35 +157,123 @@ class CalibrationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    sequential: bool = option(True, "blocks see the pruned model's inputs (false: the dense's)")
+    """How the blocks are walked: their inputs, batches, devices and precision."""
+
+    sequential: bool = option(
+        True,
+        "feed every block the dense model's inputs instead of the pruned model's "
+        "(FISTAPruner's parallel mode)",
+        flag=Flag("--parallel-blocks", inverted=True),
+    )
     intra_block: bool | None = option(
-        None, "stage-wise pruning inside a block (none: the method's)"
+        None,
+        "prune q,k,v -> o -> gate,up -> down in stages, each seeing the pruned upstream "
+        "outputs, targeting the dense outputs (structured methods refuse it)",
+        unset="the method's own protocol; on for fista",
     )
     batch_size: int = option(8, "calibration / evaluation windows per forward pass", low=1)
-    mesh: int | str | None = option(None, "devices: a count, 'auto', or none for one")
-    offload: bool = option(False, "keep block activations in host memory")
-    row_blocks: int = option(
-        0, "reproducible mode: solve each layer as this many row blocks", low=0
+    mesh: int | str | None = option(
+        None,
+        "devices to spread the work over: N (the first N devices) or 'auto' (all); "
+        "calibration batches are split across them and each layer's rows are sharded",
+        unset="one device",
     )
-    matmul_precision: str = option("float32", "matrix product precision", choices=MATMUL_PRECISIONS)
+    offload: bool = option(
+        False,
+        "keep block activations in host memory between forward passes (for models whose "
+        "calibration activations do not fit on the accelerator)",
+    )
+    row_blocks: int = option(
+        0,
+        "reproducible mode: sum the Grams window by window in a fixed order and solve each "
+        "layer as N equal row blocks, so the pruned weights are bit-identical on every --mesh "
+        "whose size divides N (e.g. 8 for 1, 2, 4 or 8 devices); slower, most on one device; "
+        "structured methods get the fixed-order Grams and solve each layer whole; 0: off",
+        low=0,
+        flag=Flag(metavar="N"),
+    )
+    matmul_precision: str = option(
+        "float32",
+        "precision of every matrix product: float32 keeps Grams and solvers in true float32; "
+        "tensorfloat32 lets GPUs use TF32 tensor cores (faster, ~1e-3 relative error per "
+        "product; CPUs compute float32 either way)",
+        choices=MATMUL_PRECISIONS,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
-    texts: tuple[str, ...] = option((), "texts to report perplexity on before and after")
-    seqlen: int | None = option(None, "evaluation window length (none: the calibration's)", low=1)
-    dense: bool = option(True, "also evaluate the dense model (false: reported as null)")
-    tasks: tuple[str, ...] = option((), "lm-eval tasks to report accuracy on before and after")
-    include_path: str | None = option(None, "a folder of lm-eval task YAMLs for tasks")
-    num_fewshot: int | None = option(None, "tasks: examples per prompt (none: the task's)", low=0)
-    limit: int | None = option(None, "tasks: at most this many documents per task", low=1)
+    """Perplexity and zero-shot accuracy of the model before and after pruning."""
+
+    texts: tuple[str, ...] = option(
+        (),
+        "text to report perplexity on before and after; repeat for several",
+        unset="none",
+        flag=Flag("--eval", metavar="FILE", repeat=True),
+    )
+    seqlen: int | None = option(
+        None,
+        "window length for --eval",
+        low=1,
+        unset="the calibration --seqlen",
+        flag=Flag("--eval-seqlen"),
+    )
+    dense: bool = option(
+        True,
+        "also evaluate the dense model before pruning (--no-eval-dense: the 'before' "
+        "perplexities and accuracies are reported as null)",
+        flag=Flag("--eval-dense"),
+    )
+    tasks: tuple[str, ...] = option(
+        (),
+        "lm-evaluation-harness tasks to report accuracy on (lm-eval's names, e.g. "
+        "boolq,arc_easy, or tasks of --include-path); needs pip install 'jprune[eval]' and "
+        "each task's dataset (downloaded, cached, or a local file)",
+        unset="none",
+        flag=Flag(metavar="NAME[,NAME...]"),
+    )
+    include_path: str | None = option(
+        None,
+        "--tasks: a folder of lm-eval task YAMLs, searched besides lm-eval's own",
+        unset="lm-eval's own only",
+        flag=Flag(metavar="DIR"),
+    )
+    num_fewshot: int | None = option(
+        None,
+        "--tasks: examples in each prompt",
+        low=0,
+        unset="each task's own, 0 for most",
+        flag=Flag(metavar="K"),
+    )
+    limit: int | None = option(
+        None,
+        "--tasks: at most N documents per task",
+        low=1,
+        unset="all",
+        flag=Flag(metavar="N"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
-    out: str | None = option(None, "directory of the pruned checkpoint and report.json")
-    force: bool = option(False, "replace out if it exists (and discard a partial run of it)")
-    resume: bool = option(False, "continue the interrupted run in out's staging directory")
+    """Where the pruned checkpoint and its report.json go."""
+
+    out: str | None = option(
+        None,
+        "output directory for the pruned checkpoint and report.json (must not exist unless "
+        "--force)",
+        unset="nothing is written, the results are printed",
+        flag=Flag(metavar="DIR"),
+    )
+    force: bool = option(
+        False,
+        "replace --out if it exists, and discard an interrupted run's staging directory",
+    )
+    resume: bool = option(
+        False,
+        "continue an interrupted run from the last block finished in --out's staging "
+        "directory (.OUT.partial); refused if the model, calibration or settings differ",
+    )
 
 
 SECTIONS = {

@@ -16,10 +16,20 @@ import math
 import operator
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from jprune.errors import JpruneError
+
+
+class Flag(NamedTuple):
+    """How a configuration field is spelled on the command line, where the field's name and
+    type do not say it (``jprune prune`` generates one flag per field)."""
+
+    name: str | None = None  # the flag, e.g. "--calib" (None: "--" + the field name, dashed)
+    metavar: str | None = None  # the value's placeholder in --help (None: the flag's name)
+    inverted: bool = False  # giving the flag sets the field to false (--parallel-blocks)
+    repeat: bool = False  # a list given one item per flag (--eval A --eval B), not "A,B"
 
 
 def option(
@@ -31,24 +41,43 @@ def option(
     low_open: bool = False,
     high_open: bool = False,
     choices: tuple[Any, ...] | None = None,
+    unset: str | None = None,
+    required: bool = False,
+    exclusive: str | None = None,
+    flag: Flag | None = None,
+    factory: Callable[[], Any] | None = None,
 ) -> Any:
-    """A dataclass field with its one-line help and the values it accepts.
+    """A dataclass field with its help and the values it accepts.
 
     ``low`` / ``high`` bound a number (inclusive unless ``*_open``); ``choices`` lists the
     accepted values of a string option (``None`` among them when the option may be unset).
+    ``unset`` says what an unset value (none, or an empty list) means, shown as its default;
+    ``required``: a run must give a value; fields of one dataclass that share an ``exclusive``
+    name are alternatives, at most one given (exactly one when ``required``). ``flag`` spells
+    the field on the command line; ``factory`` makes a mutable default (``default`` unused).
     """
     metadata = {"help": help, "low": low, "high": high, "low_open": low_open}
-    metadata |= {"high_open": high_open, "choices": choices}
+    metadata |= {"high_open": high_open, "choices": choices, "unset": unset}
+    metadata |= {"required": required, "exclusive": exclusive, "flag": flag or Flag()}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
     if isinstance(default, (list, dict, set)):
-        raise TypeError("option defaults must be immutable (use a tuple)")
+        raise TypeError("option defaults must be immutable (use a tuple, or a factory)")
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def default_of(field: dataclasses.Field) -> Any:
+    """A field's default value (made afresh for a mutable one)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _optional(hint) -> tuple[Any, bool]:
+def split_optional(hint) -> tuple[Any, bool]:
     """(the type without ``None``, whether ``None`` is allowed)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -58,7 +87,7 @@ def _optional(hint) -> tuple[Any, bool]:
 
 
 def type_name(hint) -> str:
-    base, nullable = _optional(hint)
+    base, nullable = split_optional(hint)
     if typing.get_origin(base) is tuple:
         name = f"list of {type_name(typing.get_args(base)[0])}s"
     elif typing.get_origin(base) in (typing.Union, types.UnionType):
@@ -123,7 +152,7 @@ _ACCEPTS = {
 
 def _convert(value: Any, hint) -> Any:
     """``value`` (text or typed) as ``hint``; ValueError when it is not one."""
-    base, nullable = _optional(hint)
+    base, nullable = split_optional(hint)
     if value is None or (isinstance(value, str) and value.lower() in _NONE and base is not str):
         if nullable:
             return None

@@ -126,7 +126,10 @@ def test_no_module_imports_another_modules_private_names():
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({"jprune/a.py": "from jprune import b", "jprune/b.py": "def f():\n    import jprune.a"}, 2),
+        (
+            {"jprune/a.py": "from jprune import b", "jprune/b.py": "def f():\n    import jprune.a"},
+            2,
+        ),
         ({"jprune/a.py": "from jprune.b import x", "jprune/b.py": "x = 1"}, None),
     ],
 )

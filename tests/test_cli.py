@@ -1,11 +1,14 @@
 """The ``jprune`` command line: real numbers, reloadable output, and one-line errors that write nothing."""
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from jprune.cli import build_parser, main
+from jprune.config import SECTIONS, PruneConfig
 
 from conftest import EVAL_TEXT, STORIES260K
 
@@ -177,6 +181,125 @@ def test_help_documents_every_flag(capsys):
             assert action.help and action.help.strip(), (name, action.option_strings)
             for option in action.option_strings:
                 assert option in text, (name, option)
+
+
+# ------------------------------------------------- prune's flags are the configuration's fields
+
+HAND_WRITTEN = {"-h", "--help", "--config", "--help-options", "--distributed", "--quiet"}
+
+
+def _prune_parser() -> argparse.ArgumentParser:
+    subparsers = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    return subparsers.choices["prune"]
+
+
+def _fields():
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            yield section, field, hints[field.name]
+
+
+def _default(field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def test_every_config_field_is_a_prune_flag_with_its_default_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    actions = {a.dest: a for a in _prune_parser()._actions if a.option_strings}
+    for section, field, _ in _fields():
+        action = actions.pop(f"{section}.{field.name}")  # KeyError: a field without a flag
+        assert all(option in text for option in action.option_strings), action.option_strings
+        help_text = " ".join(action.help.split())
+        assert help_text.startswith(" ".join(field.metadata["help"].split()))
+        if field.metadata["required"]:
+            assert help_text.endswith(")") and "(required" in help_text, help_text
+            continue
+        shown = re.fullmatch(r".*\(default: (.*)\)", help_text).group(1)
+        default = _default(field)
+        if default in (None, (), {}):
+            assert shown == (field.metadata["unset"] or "none"), (section, field.name)
+        elif isinstance(default, bool):
+            flag_default = default != field.metadata["flag"].inverted
+            assert shown == ("on" if flag_default else "off"), (section, field.name)
+        else:
+            assert type(default)(shown) == default, (section, field.name, shown)
+    # and the other way round: every flag left is written by hand and sets no field
+    assert {o for a in actions.values() for o in a.option_strings} == HAND_WRITTEN
+
+
+def _sample(flag, hint):
+    """A value of the flag's field other than its default, and the arguments that give it."""
+    field, meta = flag.field, flag.field.metadata
+    default = _default(field)
+    members = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    choices = [c for c in meta["choices"] or () if c not in (None, default)]
+    if bool in members:
+        value = not default
+        given = value != meta["flag"].inverted
+        return value, [flag.name if given else "--no-" + flag.name.removeprefix("--")]
+    if typing.get_origin(hint) is tuple:
+        repeated = [flag.name, "a", flag.name, "b"] if meta["flag"].repeat else None
+        return ("a", "b"), repeated or [flag.name, "a,b"]
+    if isinstance(default, dict):
+        return {"key": "value"}, [flag.name, "key=value"]
+    if choices:
+        value = choices[0]
+    elif float in members:
+        value = ((meta["low"] or 0) + (meta["high"] or 1)) / 2
+    elif int in members:
+        value = max(default or 0, meta["low"] or 0) + 1
+    else:
+        value = f"given-{field.name}"
+    assert value != default
+    return value, [flag.name, str(value)]
+
+
+def test_every_prune_flag_sets_its_field_and_a_flag_left_out_keeps_the_recipes(tmp_path):
+    from jprune.cli import config_flags, prune_config
+
+    flags = config_flags()
+    hints = {(s, f.name): hint for s, f, hint in _fields()}
+    samples = {flag.dest: _sample(flag, hints[flag.section, flag.field.name]) for flag in flags}
+    parse = build_parser().parse_args
+
+    # a recipe with every field away from its default: nothing on the command line changes it
+    everything = {}
+    for flag in flags:
+        value = samples[flag.dest][0]
+        everything.setdefault(flag.section, {})[flag.field.name] = (
+            list(value) if isinstance(value, tuple) else value
+        )
+    recipe = tmp_path / "everything.json"
+    recipe.write_text(json.dumps(everything))
+    assert prune_config(parse(["prune", "--config", str(recipe)])) == PruneConfig.from_dict(
+        everything
+    )
+
+    # a minimal recipe, and each flag alone over it
+    minimal = {
+        "model": {"path": "m"},
+        "target": {"method": "wanda", "sparsity": 0.5},
+        "calibration": {"text": "c"},
+    }
+    recipe = tmp_path / "minimal.json"
+    recipe.write_text(json.dumps(minimal))
+    for flag in flags:
+        value, argv = samples[flag.dest]
+        config = prune_config(parse(["prune", "--config", str(recipe), *argv]))
+        section = getattr(config, flag.section)
+        assert getattr(section, flag.field.name) == value, (flag.name, argv)
+        exclusive = flag.field.metadata["exclusive"]
+        for other in flags:  # e.g. --pattern unsets the recipe's sparsity
+            alternative = (other.section, other.field.metadata["exclusive"])
+            if other is not flag and exclusive and alternative == (flag.section, exclusive):
+                assert getattr(section, other.field.name) == _default(other.field), flag.name
 
 
 # ---------------------------------------------------------------- what is refused

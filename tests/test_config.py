@@ -62,10 +62,10 @@ MISTAKES = [
     ("wanda", ["--option", "swap_rtol=1e-4"], "'swap_rtol' is an option of method 'spap'"),
     (
         "optima",
-        ["--mask-from", "foo"],
+        ["--option", "mask_from=foo"],
         "'mask_from' must be one of magnitude, wanda, sparsegpt, fista",
     ),
-    ("fista", ["--mask-from", "wanda"], "method 'fista' has no option 'mask_from'"),
+    ("fista", ["--option", "mask_from=wanda"], "method 'fista' has no option 'mask_from'"),
     ("fasp", ["--option", "correction=0.5", "--intra-block"], "--intra-block is for unstructured"),
     ("wanda-sp", ["--option", "correction=0.5"], "method 'wanda-sp' has no option 'correction'"),
     ("spap", ["--option", "layer_sparsity=0.1,x"], "'layer_sparsity' must be"),

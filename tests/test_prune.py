@@ -201,21 +201,11 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_method_and_existing_out_are_refused(assets, tmp_path):
-    with pytest.raises(SystemExit):  # argparse choices: exits 2 with the list of methods
-        main(
-            [
-                "prune",
-                "--model",
-                str(STORIES260K),
-                "--method",
-                "nope",
-                "--sparsity",
-                "0.5",
-                "--calib",
-                str(CALIB_TEXT),
-            ]
-        )
+def test_unknown_method_and_existing_out_are_refused(assets, tmp_path, capsys):
+    argv = ["prune", "--model", str(STORIES260K), "--method", "nope", "--sparsity", "0.5"]
+    assert main([*argv, "--calib", str(CALIB_TEXT)]) == 2  # one line, with the list of methods
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown method 'nope'; known methods: fasp, fista" in err[0]
     with pytest.raises(JpruneError, match="unknown method 'nope'"):
         prune_with(STORIES260K, "nope", sparsity=0.5, **SMALL)
     (tmp_path / "exists").mkdir()
