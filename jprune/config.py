@@ -279,13 +279,13 @@ class Run(NamedTuple):
 
     config: PruneConfig  # method options complete, intra_block decided
     method: Any  # methods.Method
-    target: Any  # a solvers Pattern, or structured.Channels
+    target: Any  # a solvers Pattern, or methods.Channels
     method_options: Any  # the method's options dataclass
 
 
 def _target(method, target) -> Any:
+    from jprune.methods import Channels
     from jprune.solvers import parse_pattern
-    from jprune.structured import Channels
 
     if method.structured:
         if target.sparsity is None or target.pattern is not None:
