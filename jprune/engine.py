@@ -248,7 +248,7 @@ def prune_model(
     hf_names: Callable[[str], str] | None = None,
     layer_targets: Mapping[str, Any] | None = None,
 ) -> PruneOutcome:
-    """Prune ``model`` with ``method`` at ``target`` (a Pattern, or ``Channels``).
+    """Prune ``model`` with ``method`` at ``target`` (a Pattern, or ``methods.Channels``).
 
     ``model`` is a loaded ``CausalLM`` (changed in place; structured methods return a new,
     smaller one) or a ``blocks.ModelBlocks`` (a checkpoint streamed a block at a time, each

@@ -21,12 +21,12 @@ from jprune.converters.hf import load_model
 from jprune.data import calibration_windows, load_tokenizer, read_text, tokenize
 from jprune.engine import EngineOptions, prune_model
 from jprune.errors import JpruneError
-from jprune.methods import METHODS, LayerProblem
+from jprune.methods import METHODS, Channels, LayerProblem
+from jprune.methods.channels import num_removed
 from jprune.model import CausalLM, logits, named_arrays
 from jprune.options import _hints
 from jprune.plan import resolve
 from jprune.solvers import NM, Unstructured
-from jprune.structured import Channels, num_removed
 
 from conftest import CALIB_TEXT, CHEAP_OPTIONS, ROOT, STORIES260K, run_on_eight_devices
 
