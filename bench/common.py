@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -115,6 +116,21 @@ def add_calibration(parser) -> None:
 def use_matmul_precision(precision: str) -> None:
     if precision != "default":
         jax.config.update("jax_default_matmul_precision", precision)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def identical(a: Path, b: Path) -> bool:
+    """Whether two HF checkpoints hold the same tensors, bit for bit (names, dtypes, bytes)."""
+    from jprune.converters.hf import read_tensors
+
+    left, right = read_tensors(a), read_tensors(b)
+    return left.keys() == right.keys() and all(
+        left[k].dtype == right[k].dtype
+        and np.array_equal(left[k].view(np.uint8), right[k].view(np.uint8))
+        for k in left
+    )
 
 
 # ---------------------------------------------------------------- RESULTS.md

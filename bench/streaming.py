@@ -26,9 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from common import RESULTS_MD, load_text, machine, write_section
+from common import RESULTS_MD, identical, load_text, machine, write_section
 
 IN_MEMORY = """
 import json, sys, time
@@ -93,17 +91,6 @@ def in_memory(args, out: Path) -> dict:
     ]  # fmt: skip
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def identical(a: Path, b: Path) -> bool:
-    from jprune.converters.hf import read_tensors
-
-    left, right = read_tensors(a), read_tensors(b)
-    return left.keys() == right.keys() and all(
-        left[k].dtype == right[k].dtype
-        and np.array_equal(left[k].view(np.uint8), right[k].view(np.uint8))
-        for k in left
-    )
 
 
 def main() -> None:
