@@ -247,6 +247,7 @@ def prune_model(
     progress: Callable[[str, int, int], None] | None = None,
     hf_names: Callable[[str], str] | None = None,
     layer_targets: Mapping[str, Any] | None = None,
+    checked: bool = False,
 ) -> PruneOutcome:
     """Prune ``model`` with ``method`` at ``target`` (a Pattern, or ``methods.Channels``).
 
@@ -258,13 +259,17 @@ def prune_model(
     in the report. ``layer_targets``: canonical linear name (``layers.3.q``) -> the pattern it
     gets instead of ``target`` (a layer-wise allocation, ``jprune.allocation``).
 
-    The run is trusted as checked: ``plan.resolve`` checks the configuration and
-    ``method.program.check`` the target against the model (``jprune.prune`` does both once,
-    before any work); ``EngineOptions`` checks itself when built.
+    ``checked``: the caller has already run ``method.program.check`` on this model and target
+    (``jprune.prune`` does, once, from the checkpoint's headers before any work); otherwise it
+    runs here. ``EngineOptions`` checks itself when built.
     """
     blocks = as_blocks(model)
     method_options = method.options() if method_options is None else method_options
     spec = blocks.spec
+    if not checked:
+        method.program.check(
+            spec, parameter_shapes(blocks), target, method_options, hf_config or {}
+        )
     stages = method.program.stages(spec, method_options, options.intra_block)
     wants_dense = any(
         walk.DENSE_STATISTICS & set(w) for st in stages for w in st.statistics.values()

@@ -306,7 +306,7 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
     outcome = prune_model(
         blocks, calibration, method, target, run.method_options, engine,
         hf_config=checkpoint.config, progress=progress, hf_names=_layer_hf_name(checkpoint.spec),
-        layer_targets=allocation.patterns,
+        layer_targets=allocation.patterns, checked=True,
     )  # fmt: skip
     prune_seconds = time.perf_counter() - prune_started
     if writer:
