@@ -24,8 +24,10 @@ demo: $(STAMP)
 		--calib $(ASSETS)/text/tinystories_calib.txt --nsamples 128 --seqlen 512 --seed 0 \
 		--eval $(ASSETS)/text/tinystories_eval.txt --out out/stories260K-fista-50 --force
 
+# Two workers (pytest-xdist), a test file each at a time: the suite is bound by XLA's
+# compilation, which runs mostly on one core per process.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

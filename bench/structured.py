@@ -36,8 +36,7 @@ SECTION = "## Structured pruning"
 def prune_structured(net, hf_config, calibration, method, ratio, options, batch_size=8):
     """The engine on an in-memory model (pruned in place): (model, records, config, files)."""
     from jprune.engine import EngineOptions, prune_model
-    from jprune.methods import get_method
-    from jprune.structured import Channels
+    from jprune.methods import Channels, get_method
 
     chosen = get_method(method)
     return prune_model(
@@ -253,7 +252,7 @@ def render(rows: list[dict]) -> str:
         "",
         "spap is the penalty continuation of SPAP, then an exact best-improvement single-swap "
         "search on the layer's restoration objective, started from the better of the "
-        "continuation's and the column score's selections (`jprune/structured.py`): on every "
+        "continuation's and the column score's selections (`jprune/methods/spap.py`): on every "
         "layer's objective it is never worse than fasp's selection, which bounds layer errors, "
         "not perplexity. Targets: spap at or below fasp perplexity at every ratio, and fasp "
         "below wanda-sp; the lines under each table say where they hold. Where spap misses, "

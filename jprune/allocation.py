@@ -238,7 +238,7 @@ def layer_errors(
     return np.asarray(_layer_errors(weight, gram, tuple(patterns), estimate), np.float64)
 
 
-@functools.partial(jax.jit, static_argnames=("patterns", "estimate"))
+@functools.partial(jax.jit, static_argnames="estimate")
 def _layer_errors(weight, gram, patterns, estimate):
     weight = weight.astype(jnp.float32)
     reference = jnp.maximum(jnp.sum((weight @ gram) * weight), 1e-30)

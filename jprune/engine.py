@@ -247,8 +247,9 @@ def prune_model(
     progress: Callable[[str, int, int], None] | None = None,
     hf_names: Callable[[str], str] | None = None,
     layer_targets: Mapping[str, Any] | None = None,
+    checked: bool = False,
 ) -> PruneOutcome:
-    """Prune ``model`` with ``method`` at ``target`` (a Pattern, or ``Channels``).
+    """Prune ``model`` with ``method`` at ``target`` (a Pattern, or ``methods.Channels``).
 
     ``model`` is a loaded ``CausalLM`` (changed in place; structured methods return a new,
     smaller one) or a ``blocks.ModelBlocks`` (a checkpoint streamed a block at a time, each
@@ -258,55 +259,37 @@ def prune_model(
     in the report. ``layer_targets``: canonical linear name (``layers.3.q``) -> the pattern it
     gets instead of ``target`` (a layer-wise allocation, ``jprune.allocation``).
 
-    The run is trusted as checked: ``plan.resolve`` checks the configuration and
-    ``method.program.check`` the target against the model (``jprune.prune`` does both once,
-    before any work); ``EngineOptions`` checks itself when built.
+    ``checked``: the caller has already run ``method.program.check`` on this model and target
+    (``jprune.prune`` does, once, from the checkpoint's headers before any work); otherwise it
+    runs here. ``EngineOptions`` checks itself when built.
     """
     blocks = as_blocks(model)
-    program = method.program
     method_options = method.options() if method_options is None else method_options
     spec = blocks.spec
-    stages = program.stages(spec, method_options, options.intra_block)
+    if not checked:
+        method.program.check(
+            spec, parameter_shapes(blocks), target, method_options, hf_config or {}
+        )
+    stages = method.program.stages(spec, method_options, options.intra_block)
     wants_dense = any(
         walk.DENSE_STATISTICS & set(w) for st in stages for w in st.statistics.values()
     )
     use_dense = wants_dense or not options.sequential
     start, streams, records, shapes = _initial_streams(blocks, calibration, options, use_dense)
-    stream_bytes = (streams.x or streams.x_dense).nbytes
+    stream_bytes = (streams.x if streams.x is not None else streams.x_dense).nbytes
     job = _Job(
-        program, spec, target, method_options, int(calibration.size), hf_names, options,
+        method.program, spec, target, method_options, int(calibration.size), hf_names, options,
         layer_targets,
     )  # fmt: skip
     block_memory = []
     for index in range(start, spec.num_layers):
-        memory.reset_peak()
-        started = time.perf_counter()
-        block = blocks.load(index)
-        x_in = streams.x if options.sequential else streams.x_dense
-        work = _BlockWork(
-            index, walk.place_block(block, options.mesh), walk.place_block(block, options.mesh),
-            x_in, streams.x_dense,
-        )  # fmt: skip
-        work.seconds["load"] = time.perf_counter() - started
-        records += _run_stages(job, work, stages, use_dense, progress)
-        nnx.update(block, jax.tree.map(lambda a: jnp.asarray(to_host(a)), work.pruned.state))
-        x_dense = work.next_dense if use_dense else None
-        x = x_dense
-        if options.sequential:
-            x = work.timed("outputs", walk.outputs, work.pruned, x_in, work.cache)
-        streams = _Streams(x, x_dense)
-        shapes |= {
-            k: list(v.shape) for k, v in flat_arrays(work.pruned.state, f"layers.{index}.").items()
-        }
-        kept = {"x": streams.x} if options.sequential else {}
-        kept |= {"x_dense": streams.x_dense} if use_dense else {}
-        after = BlockState(index + 1, {k: v.batches for k, v in kept.items()}, records, shapes)
-        seconds = work.seconds | blocks.store(index, block, after)
-        del block, work
+        streams, seconds = _prune_block(
+            job, blocks, index, streams, stages, use_dense, records, shapes, progress
+        )
         block_memory.append(_block_memory(index, seconds))
     if progress is not None:
         progress("done", spec.num_layers, spec.num_layers)
-    new_spec, config_updates, extra_files = program.finish(
+    new_spec, config_updates, extra_files = method.program.finish(
         spec, shapes, hf_config or {}, method_options
     )
     pruned = None
@@ -317,6 +300,36 @@ def prune_model(
     bound = memory.memory_bound(parameter_shapes(blocks), stream_bytes, 2 if use_dense else 1)
     usage = {"bound_bytes": bound, "blocks": block_memory}
     return PruneOutcome(pruned, new_spec, records, config_updates, extra_files, usage)
+
+
+def _prune_block(job: _Job, blocks, index, streams, stages, use_dense, records, shapes, progress):
+    """Prune block ``index`` from the streams entering it, hand it to ``blocks.store`` with the
+    state a resumed run continues from, and return the streams entering the next block and
+    where the block's time went. ``records`` and ``shapes`` (the run's) grow in place."""
+    options = job.options
+    memory.reset_peak()
+    started = time.perf_counter()
+    block = blocks.load(index)
+    x_in = streams.x if options.sequential else streams.x_dense
+    work = _BlockWork(
+        index, walk.place_block(block, options.mesh), walk.place_block(block, options.mesh),
+        x_in, streams.x_dense,
+    )  # fmt: skip
+    work.seconds["load"] = time.perf_counter() - started
+    records += _run_stages(job, work, stages, use_dense, progress)
+    nnx.update(block, jax.tree.map(lambda a: jnp.asarray(to_host(a)), work.pruned.state))
+    x_dense = work.next_dense if use_dense else None
+    x = x_dense
+    if options.sequential:
+        x = work.timed("outputs", walk.outputs, work.pruned, x_in, work.cache)
+    streams = _Streams(x, x_dense)
+    shapes |= {
+        k: list(v.shape) for k, v in flat_arrays(work.pruned.state, f"layers.{index}.").items()
+    }
+    kept = {"x": streams.x} if options.sequential else {}
+    kept |= {"x_dense": streams.x_dense} if use_dense else {}
+    after = BlockState(index + 1, {k: v.batches for k, v in kept.items()}, records, shapes)
+    return streams, work.seconds | blocks.store(index, block, after)
 
 
 def _block_memory(index: int, seconds: Mapping[str, float]) -> dict[str, Any]:

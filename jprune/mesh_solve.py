@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from jprune.errors import JpruneError
 from jprune.sharding import mesh_size, pad_rows, replicate, shard_leading, to_host
-from jprune.solvers import row_separable
+from jprune.solvers import row_separable, rows_pattern
 
 
 class Devices(NamedTuple):
@@ -38,7 +38,10 @@ def solve_layer(layer_method, problem, pattern, method_options, devices: Devices
     if mesh is not None:
         weight = to_host(problem.weight)
         if row_separable(pattern):
-            weight = shard_leading(pad_rows(weight, mesh), mesh)
+            padded = pad_rows(weight, mesh)
+            # An exact count is shared out by row: the padded matrix gets its rows' shares.
+            pattern = rows_pattern(pattern, weight.shape, 0, padded.shape[0])
+            weight = shard_leading(padded, mesh)
         elif devices.row_blocks:
             # A shared budget couples the rows: the reproducible mode runs the whole layer on
             # every device, the program one device runs, instead of summing across devices.
@@ -86,7 +89,9 @@ def solve_in_row_blocks(layer_method, problem, pattern, method_options, devices:
     pieces, infos = [], []
     for start in range(0, weight.shape[0], chunk):
         part = shard_leading(weight[start : start + chunk], devices.mesh)
-        result = layer_method(problem._replace(weight=part), pattern, method_options)
+        # An exact count is shared out by row: each block of rows gets its rows' shares.
+        part_pattern = rows_pattern(pattern, (rows, weight.shape[1]), start, start + chunk)
+        result = layer_method(problem._replace(weight=part), part_pattern, method_options)
         pieces.append(to_host(jax.block_until_ready(result.weight)))
         infos.append(result.info)
     return jnp.asarray(np.concatenate(pieces)[:rows]), {"row_blocks": infos}

@@ -31,8 +31,8 @@ class Plan(NamedTuple):
 
 def parse_target(method, target) -> Any:
     """The target section -> a solvers ``Pattern`` (unstructured, N:M) or ``Channels``."""
+    from jprune.methods import Channels
     from jprune.solvers import parse_pattern
-    from jprune.structured import Channels
 
     if method.structured:
         if target.sparsity is None or target.pattern is not None:

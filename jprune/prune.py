@@ -267,27 +267,37 @@ def _prune(run: Plan, progress: ProgressFn | None) -> dict[str, Any]:
             shutil.rmtree(staging.path, ignore_errors=True)
 
 
-def _prune_into(run, progress, engine, checkpoint, staging, texts, started, baseline):
-    config, method, target = run.config, run.method, run.target
-    calibration, evaluations, tasks = texts
-    writer = staging.writer
-    batch = engine.batch_size
+def _dense_evaluations(run: Plan, checkpoint, staging: Staging, texts, progress):
+    """The dense model's perplexities and zero-shot accuracies (``None`` where not asked), from
+    the journal when a resumed run already has them."""
+    config = run.config
+    _, evaluations, tasks = texts
     before = staging.recall("perplexity_before") or dict.fromkeys(evaluations)
     if config.evaluation.dense and any(before.get(t) is None for t in evaluations):
+        batch = config.engine.batch_size
         before = _perplexities(checkpoint, evaluations, batch, "dense", progress)
         staging.remember("perplexity_before", before)
     zero_shot_before = None
     if tasks is not None and config.evaluation.dense:
         # a resumed run reuses the dense accuracies only when they were for the same tasks
+        evaluation = config.to_dict()["evaluation"]
         recalled = staging.recall("zero_shot_before") or {}
-        if recalled.get("evaluation") == config.to_dict()["evaluation"]:
+        if recalled.get("evaluation") == evaluation:
             zero_shot_before = recalled["result"]
         else:
             zero_shot_before = _zero_shot(config.model.path, run, tasks, "dense", progress)
             staging.remember(
-                "zero_shot_before",
-                {"evaluation": config.to_dict()["evaluation"], "result": zero_shot_before},
+                "zero_shot_before", {"evaluation": evaluation, "result": zero_shot_before}
             )
+    return before, zero_shot_before
+
+
+def _prune_into(run, progress, engine, checkpoint, staging, texts, started, baseline):
+    config, method, target = run.config, run.method, run.target
+    calibration, evaluations, tasks = texts
+    writer = staging.writer
+    batch = engine.batch_size
+    before, zero_shot_before = _dense_evaluations(run, checkpoint, staging, texts, progress)
     prune_started = time.perf_counter()
     blocks = CheckpointBlocks(
         checkpoint, BlockShards(staging.path, checkpoint.spec) if writer else None, staging
@@ -296,7 +306,7 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
     outcome = prune_model(
         blocks, calibration, method, target, run.method_options, engine,
         hf_config=checkpoint.config, progress=progress, hf_names=_layer_hf_name(checkpoint.spec),
-        layer_targets=allocation.patterns,
+        layer_targets=allocation.patterns, checked=True,
     )  # fmt: skip
     prune_seconds = time.perf_counter() - prune_started
     if writer:

@@ -37,6 +37,7 @@ from ._sparsity import (
     project_topk,
     prox_l1,
     row_separable,
+    rows_pattern,
     topk_mask,
 )
 
@@ -75,6 +76,7 @@ __all__ = [
     "prox_l1",
     "result_codes",
     "row_separable",
+    "rows_pattern",
     "topk_mask",
     "unit_scale",
 ]

@@ -269,7 +269,7 @@ def select_columns(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("pattern", "num_stages", "growth", "rho0", "maxiter", "tol", "pursuit"),
+    static_argnames=("num_stages", "growth", "rho0", "maxiter", "tol", "pursuit"),
 )
 def sparse_least_squares(
     H: jax.Array,

@@ -115,7 +115,7 @@ def l0_admm_step(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("pattern", "maxiter", "rho0", "growth", "tol", "refit_maxiter", "refit_tol"),
+    static_argnames=("maxiter", "rho0", "growth", "tol", "refit_maxiter", "refit_tol"),
 )
 def l0_admm(
     H: jax.Array,

@@ -61,7 +61,7 @@ def _feasible(W: jax.Array, pattern: Pattern) -> jax.Array:
 LASSO_SOLVERS = ("fista", "admm")
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "num_bisect", "maxiter", "tol", "solver"))
+@functools.partial(jax.jit, static_argnames=("num_bisect", "maxiter", "tol", "solver"))
 def lam_search(
     H: jax.Array,
     C: jax.Array,

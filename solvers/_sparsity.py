@@ -13,11 +13,17 @@ A pattern says which entries of a (d_out, d_in) weight matrix may stay nonzero:
 
 Counts are exact. Ties are broken deterministically: among equal scores the entry with the
 lower flat index is kept, so a projection never depends on the backend's sort.
+
+Patterns are pytrees, passed to jitted functions as ordinary arguments. What shapes the program
+is static (aux data): the pattern's kind, its scope, N:M's ``n`` and ``m``, a uniform rule's
+sparsity. An exact count (with its display sparsity) is a leaf: a layer-wise allocation gives
+every layer its own count, and one compiled program then serves all the layers of a shape
+instead of one per count. Functions that need a count inside a program take it as an array
+(``pruned_per_row``, ``pruned_in_matrix``); ``num_pruned`` is the Python-side count.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Literal, NamedTuple
 
@@ -36,23 +42,44 @@ class Unstructured(NamedTuple):
         return f"{self.sparsity:g} unstructured per {self.scope}{exact}"
 
 
-def pruned_per_row(pattern: Unstructured, shape: tuple[int, int]) -> np.ndarray:
-    """Zeros each row of a (d_out, d_in) matrix gets under a per-row ``pattern``, (d_out,)."""
+def _flatten_unstructured(pattern: Unstructured):
+    # A uniform rule's sparsity fixes its counts when the program is traced: static, as before.
+    # An exact count (and the sparsity it is shown as) is data, so every count of a shape shares
+    # one program; the aux's ``None`` marks it.
+    if pattern.count is None:
+        return (), (pattern.scope, pattern.sparsity)
+    return (pattern.sparsity, pattern.count), (pattern.scope, None)
+
+
+def _unflatten_unstructured(aux, leaves) -> Unstructured:
+    scope, sparsity = aux
+    if sparsity is not None:
+        return Unstructured(sparsity, scope)
+    return Unstructured(leaves[0], scope, leaves[1])
+
+
+jax.tree_util.register_pytree_node(Unstructured, _flatten_unstructured, _unflatten_unstructured)
+
+
+def pruned_per_row(pattern: Unstructured, shape: tuple[int, int]) -> np.ndarray | jax.Array:
+    """Zeros each row of a (d_out, d_in) matrix gets under a per-row ``pattern``, (d_out,).
+
+    A NumPy constant for a uniform rule; a jax array for an exact count, which may be traced.
+    """
     d_out, d_in = shape
     if pattern.count is None:
         return np.full(d_out, math.floor(pattern.sparsity * d_in), np.int64)
-    if not 0 <= pattern.count <= d_out * d_in:
-        raise ValueError(f"cannot prune {pattern.count} of {d_out * d_in} weights")
-    base, extra = divmod(pattern.count, d_out)
-    return base + (np.arange(d_out) < extra).astype(np.int64)
+    base, extra = jnp.divmod(jnp.asarray(pattern.count, jnp.int32), d_out)
+    return base + (jnp.arange(d_out) < extra).astype(jnp.int32)
 
 
-def pruned_in_matrix(pattern: Unstructured, shape: tuple[int, int]) -> int:
-    """Zeros of a (d_out, d_in) matrix under an unstructured ``pattern`` (either scope)."""
-    if pattern.scope == "row":
-        return int(pruned_per_row(pattern, shape).sum())
-    if pattern.count is not None:
+def pruned_in_matrix(pattern: Unstructured, shape: tuple[int, int]) -> int | jax.Array:
+    """Zeros of a (d_out, d_in) matrix under an unstructured ``pattern`` (either scope): a Python
+    int for a uniform rule, the pattern's count (possibly traced) for an exact count."""
+    if pattern.count is not None:  # per row too: the rows' shares sum to the count
         return pattern.count
+    if pattern.scope == "row":
+        return shape[0] * math.floor(pattern.sparsity * shape[1])
     return math.floor(pattern.sparsity * (shape[0] * shape[1]))
 
 
@@ -66,6 +93,10 @@ class NM(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
+
+
+# n and m shape the program (group reshapes, unrolled comparisons): all of an N:M is static.
+jax.tree_util.register_pytree_node(NM, lambda p: ((), tuple(p)), lambda aux, _: NM(*aux))
 
 
 Pattern = Unstructured | NM
@@ -98,21 +129,50 @@ def row_separable(pattern: Pattern) -> bool:
     return not (isinstance(pattern, Unstructured) and pattern.scope == "matrix")
 
 
+def rows_pattern(pattern: Pattern, shape: tuple[int, int], start: int, stop: int) -> Pattern:
+    """The pattern of rows ``[start, stop)`` of a (d_out, d_in) matrix, solved on their own.
+
+    A row-separable pattern's rows are independent problems, but an exact count is shared out
+    by row index: the block gets the sum of its rows' shares, which the same rule (a prefix of
+    rows one higher) gives back to exactly those rows. Rows at or past ``d_out`` (zero padding)
+    get the lowest share. Uniform rules and N:M are the same for any rows.
+    """
+    if not isinstance(pattern, Unstructured) or pattern.count is None:
+        return pattern
+    if pattern.scope == "matrix":
+        raise ValueError("a per-matrix count couples the rows: it cannot be split by rows")
+    d_out, d_in = shape
+    check_pattern_fits(pattern, shape)
+    base, extra = divmod(int(pattern.count), d_out)
+    rows = np.arange(start, stop)
+    count = int(np.sum(base + (rows < extra)))
+    return Unstructured(count / ((stop - start) * d_in), "row", count)
+
+
 def check_pattern_fits(pattern: Pattern, shape: tuple[int, int]) -> None:
-    """Refuse a pattern that cannot be applied exactly to a matrix of this shape."""
-    if isinstance(pattern, NM) and shape[1] % pattern.m:
-        raise ValueError(
-            f"N:M pattern {pattern} needs M={pattern.m} to divide the input width {shape[1]}"
-        )
+    """Refuse a pattern that cannot be applied exactly to a matrix of this shape.
+
+    An exact count is checked where it is a Python or NumPy integer; inside a compiled program
+    it is traced, and the caller outside checked it.
+    """
+    if isinstance(pattern, NM):
+        if shape[1] % pattern.m:
+            raise ValueError(
+                f"N:M pattern {pattern} needs M={pattern.m} to divide the input width {shape[1]}"
+            )
+        return
+    count, size = pattern.count, shape[0] * shape[1]
+    if isinstance(count, (int, np.integer)) and not 0 <= count <= size:
+        raise ValueError(f"cannot prune {count} of {size} weights")
 
 
 def num_pruned(pattern: Pattern, shape: tuple[int, int]) -> int:
-    """Exact number of zeros the pattern asks of a (d_out, d_in) matrix."""
+    """Exact number of zeros the pattern asks of a (d_out, d_in) matrix (concrete patterns)."""
     d_out, d_in = shape
+    check_pattern_fits(pattern, shape)
     if isinstance(pattern, NM):
-        check_pattern_fits(pattern, shape)
         return d_out * (d_in // pattern.m) * (pattern.m - pattern.n)
-    return pruned_in_matrix(pattern, shape)
+    return int(pruned_in_matrix(pattern, shape))
 
 
 def _order_keys(scores: jax.Array) -> jax.Array:
@@ -196,9 +256,9 @@ def _nm_keep(groups: jax.Array, n: int) -> jax.Array:
     return jnp.sum(beaten_by, axis=-1) < n
 
 
-# Compiled once per (shape, pattern): called eagerly (a prototype's layer function), the
-# top-k search's loop and branch would otherwise be traced and compiled on every call.
-@functools.partial(jax.jit, static_argnames="pattern")
+# Compiled once per (shape, pattern structure): called eagerly (a prototype's layer function),
+# the top-k search's loop and branch would otherwise be traced and compiled on every call.
+@jax.jit
 def keep_mask(scores: jax.Array, pattern: Pattern) -> jax.Array:
     """Boolean mask of the entries to keep: the highest ``scores`` allowed by ``pattern``.
 
@@ -217,7 +277,7 @@ def keep_mask(scores: jax.Array, pattern: Pattern) -> jax.Array:
         if pattern.count is None:  # one count for every row: a Python int, as before
             return topk_mask(scores, d_in - math.floor(pattern.sparsity * d_in))
         keep = d_in - pruned_per_row(pattern, scores.shape)
-        return topk_mask(scores, jnp.asarray(keep, jnp.int32)[:, None])
+        return topk_mask(scores, keep[:, None])
     keep = scores.size - pruned_in_matrix(pattern, scores.shape)
     return topk_mask(scores.reshape(1, -1), keep).reshape(d_out, d_in)
 

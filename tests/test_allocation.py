@@ -25,7 +25,7 @@ from jprune.config import AllocationConfig, PruneConfig
 from jprune.errors import JpruneError
 from jprune.methods import METHODS, LayerProblem
 from jprune.plan import resolve
-from jprune.solvers import Unstructured, keep_mask, num_pruned
+from jprune.solvers import Unstructured, keep_mask, num_pruned, rows_pattern
 from jprune.staging import describe_difference
 
 from conftest import STORIES260K, prune_with
@@ -172,6 +172,24 @@ def test_exact_count_patterns_give_exact_counts_in_every_method(scope):
     ):
         weight = METHODS[name](problem, pattern, **options).weight
         assert int(jnp.sum(weight == 0)) == count, name
+
+
+@pytest.mark.parametrize(("blocks", "rows"), [(1, 10), (2, 10), (4, 12), (3, 12)])
+def test_rows_pattern_gives_a_row_block_its_rows_share(blocks, rows):
+    """Rows solved in blocks (the reproducible mode, a mesh's padded rows) keep the zeros the
+    whole matrix gives them; ``rows`` past the 10 real ones are zero padding."""
+    d_out, d_in, count = 10, 12, 67  # 6 zeros per row, the first 7 rows one more
+    scores = np.random.default_rng(0).standard_normal((rows, d_in)).astype(np.float32)
+    pattern = Unstructured(count / (d_out * d_in), "row", count)
+    whole = np.asarray(keep_mask(jnp.asarray(scores[:d_out]), pattern))
+    size, parts = rows // blocks, []
+    for start in range(0, rows, size):
+        part = rows_pattern(pattern, (d_out, d_in), start, start + size)
+        parts.append(np.asarray(keep_mask(jnp.asarray(scores[start : start + size]), part)))
+    np.testing.assert_array_equal(np.concatenate(parts)[:d_out], whole)
+    assert rows_pattern(Unstructured(0.5), (d_out, d_in), 0, 5) == Unstructured(0.5)
+    with pytest.raises(ValueError, match="couples the rows"):
+        rows_pattern(Unstructured(count / 120, "matrix", count), (d_out, d_in), 0, 5)
 
 
 # ---------------------------------------------------------------- refusals and resume

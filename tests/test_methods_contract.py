@@ -4,6 +4,7 @@ refused before any model work, the engine on a 2-device mesh)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,12 +22,12 @@ from jprune.converters.hf import load_model
 from jprune.data import calibration_windows, load_tokenizer, read_text, tokenize
 from jprune.engine import EngineOptions, prune_model
 from jprune.errors import JpruneError
-from jprune.methods import METHODS, LayerProblem
+from jprune.methods import METHODS, Channels, LayerProblem
+from jprune.methods.channels import num_removed
 from jprune.model import CausalLM, logits, named_arrays
 from jprune.options import _hints
 from jprune.plan import resolve
 from jprune.solvers import NM, Unstructured
-from jprune.structured import Channels, num_removed
 
 from conftest import CALIB_TEXT, CHEAP_OPTIONS, ROOT, STORIES260K, run_on_eight_devices
 
@@ -178,6 +179,55 @@ def test_eager_equals_jit(name):
         eager = np.asarray(method(problem, NM(2, 4), **options).weight)
     np.testing.assert_array_equal(eager != 0, jitted != 0)
     np.testing.assert_allclose(eager, jitted, rtol=1e-4, atol=1e-5)
+
+
+@contextlib.contextmanager
+def compilations():
+    """The names of the programs XLA compiles inside the block (jax.monitoring's events)."""
+    compiled: list[str] = []
+
+    def listen(event, duration, *, fun_name="?", **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.mark.parametrize("scope", ["row", "matrix"])
+@pytest.mark.parametrize("name", LAYER_METHODS)
+def test_exact_counts_share_one_program(name, scope):
+    """A layer-wise allocation gives every layer its own zero count: the count is data, so a
+    second layer of the same shape with another count runs the programs the first compiled
+    (issue 26: OWL compiled one program per count, 2-5x uniform's time) and gets its own
+    exact counts."""
+    rng = np.random.default_rng(1)
+    # A shape of its own per method, so no other test has compiled its programs already.
+    d_out, d_in, tokens = 8 + LAYER_METHODS.index(name), 32, 96
+    method = METHODS[name]
+    options = method.parse_options(CHEAP_OPTIONS.get(name, {}))
+
+    def prune(count):
+        x = rng.standard_normal((d_in, tokens)).astype(np.float32)
+        weight = rng.standard_normal((d_out, d_in)).astype(np.float32)
+        problem = LayerProblem(jnp.asarray(weight), jnp.asarray(x @ x.T), None, tokens, "layer")
+        pattern = Unstructured(count / weight.size, scope, count)
+        return np.asarray(method(problem, pattern, options).weight)
+
+    first = 14 * d_out
+    prune(first)
+    second = first + 2 * d_out + 5  # rows differ by one zero: the first five prune one more
+    with compilations() as compiled:
+        pruned = prune(second)
+    assert compiled == [], f"{name} compiled again for a new count: {compiled}"
+    zeros = (pruned == 0).sum(axis=1)
+    if scope == "row":
+        np.testing.assert_array_equal(zeros, 16 + (np.arange(d_out) < 5))
+    else:
+        assert zeros.sum() == second
 
 
 def _wrong_value(field, hint):

@@ -100,15 +100,15 @@ def test_intra_block_stages_from_the_cached_streams_see_the_same_inputs(assets, 
     too the residual entering the MLP, and the last stage's pass yields the dense stream's
     next inputs; rerunning the whole block for every stage (the caches disabled) gives the
     same layer problems."""
-    import jprune.engine as engine
+    import jprune.walk as walk
 
     def run():
         report = prune_with(STORIES260K, "sparsegpt", sparsity=0.5, **SMALL, intra_block=True)
         return report["layers"]
 
     cached = run()
-    monkeypatch.setattr(engine, "ATTENTION_LINEARS", frozenset({"never pruned"}))
-    monkeypatch.setattr(engine, "RESIDUAL_LINEARS", frozenset({"never pruned"}))
+    monkeypatch.setattr(walk, "ATTENTION_LINEARS", frozenset({"never pruned"}))
+    monkeypatch.setattr(walk, "RESIDUAL_LINEARS", frozenset({"never pruned"}))
     rerun = run()
     errors = [[layer["relative_error"] for layer in r] for r in (cached, rerun)]
     assert errors[0] == pytest.approx(errors[1], rel=1e-4)
@@ -122,14 +122,14 @@ def test_output_energies_give_the_dense_grams_errors(assets, monkeypatch):
     """Where a tap's readers are narrower than it (down), the engine reads ``||W0 X||^2`` from
     their output energies instead of the dense Gram: the same relative errors, and the bound
     counts one Gram fewer for those linears."""
-    import jprune.engine as engine
+    import jprune.walk as walk
 
     def run():
         report = prune_with(STORIES260K, "sparsegpt", sparsity=0.5, **SMALL, intra_block=True)
         return report["layers"]
 
     energies = run()
-    monkeypatch.setattr(engine, "_prefers_energies", lambda readers, d_in: False)
+    monkeypatch.setattr(walk, "_prefers_energies", lambda readers, d_in: False)
     jax.clear_caches()  # the choice is made while tracing the statistics pass
     grams = run()
     jax.clear_caches()

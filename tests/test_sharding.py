@@ -258,3 +258,22 @@ def test_two_processes_prune_like_one_device(sharded_runs, tmp_path):
     one = dict(decoder_linears(assert_exact_pattern(root / "fista-mesh1", sparsity=0.5)))
     unequal = {n: int((one[n] != spread[n]).sum()) for n in one}
     assert sum(unequal.values()) == 0, unequal
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_row_blocks_keep_an_allocated_layers_exact_count(method):
+    """A layer-wise allocation's exact count is shared out by row index; solved as row blocks
+    (the reproducible mode), every row keeps the zeros the whole layer's rule gives it."""
+    from jprune.mesh_solve import Devices, solve_layer
+    from jprune.methods import LayerProblem, get_method
+    from jprune.solvers import Unstructured
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((30, 16)).astype(np.float32)  # 30 rows: the last block is padded
+    x = rng.standard_normal((16, 200)).astype(np.float32)
+    problem = LayerProblem(jnp.asarray(weight), jnp.asarray(x @ x.T), None, 200, "w")
+    pattern = Unstructured(307 / weight.size, "row", 307)  # 7 rows get 11 zeros, 23 rows 10
+    chosen = get_method(method)
+    pruned, _ = solve_layer(chosen.layer, problem, pattern, chosen.options(), Devices(None, 4))
+    zeros = (np.asarray(pruned) == 0).sum(axis=1)
+    np.testing.assert_array_equal(zeros, [11] * 7 + [10] * 23)

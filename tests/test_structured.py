@@ -16,20 +16,15 @@ from jprune.cli import main
 from jprune.converters.hf import load_model, read_config, save_model
 from jprune.engine import EngineOptions, prune_model
 from jprune.errors import JpruneError
-from jprune.methods import corrected_gram, get_method
+from jprune.methods import METHODS as REGISTRY
+from jprune.methods import Channels, corrected_gram, get_method
+from jprune.methods.channels import restore, target_shift
+from jprune.methods.spap import restoration_objective, swap_columns
 from jprune.model import CausalLM, logits, named_arrays, parameter_count
-from jprune.structured import (
-    STRUCTURED_METHODS,
-    Channels,
-    restoration_objective,
-    restore,
-    swap_columns,
-    target_shift,
-)
 
 from conftest import CALIB_TEXT, STORIES260K, prune_with
 
-METHODS = STRUCTURED_METHODS
+METHODS = sorted(name for name, method in REGISTRY.items() if method.structured)
 
 
 def prune_structured(net, config, calibration, method, ratio, options, **engine):

@@ -89,7 +89,6 @@ LASSO_SOLVERS = ("fista", "admm")
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "pattern",
         "rounds",
         "maxiter",
         "num_bisect",

@@ -63,7 +63,7 @@ def refit(H, C, keep, start, *, maxiter, tol):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "maxiter", "tol"))
+@functools.partial(jax.jit, static_argnames=("maxiter", "tol"))
 def _reconstruct(weight, selected, H, C, H_error, *, pattern, maxiter, tol):
     # Exactly the pattern's count is free: the selector's nonzeros first, ties (a kept weight
     # that happens to be 0) broken by ``keep_mask``'s rule, so the refit can make them nonzero.

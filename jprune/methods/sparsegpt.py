@@ -82,9 +82,19 @@ def block_budgets(scores: jax.Array, pattern: Pattern, blocksize: int) -> jax.Ar
     # an exact count is spread over the blocks in proportion to their widths.
     if pattern.count is None:
         cumulative = [0] + [math.floor(pattern.sparsity * (d_out * end)) for _, end in bounds]
-    else:
-        cumulative = [0] + [pattern.count * end // d_in for _, end in bounds]
-    return jnp.asarray([[b - a] for a, b in pairwise(cumulative)], jnp.int32)
+        return jnp.asarray([[b - a] for a, b in pairwise(cumulative)], jnp.int32)
+    return jnp.diff(_proportional_share(pattern.count, bounds, d_in), prepend=0)[:, None]
+
+
+def _proportional_share(count: jax.Array | int, bounds, d_in: int) -> jax.Array:
+    """``count * end // d_in`` for every block's end column, exactly, in int32.
+
+    The count may be traced and ``count * end`` overflows int32 on large layers; with
+    ``count = q d_in + r`` it is ``q end + r end // d_in``, and ``r end < d_in^2`` fits.
+    """
+    q, r = jnp.divmod(jnp.asarray(count, jnp.int32), d_in)
+    ends = jnp.asarray([end for _, end in bounds], jnp.int32)
+    return q * ends + r * ends // d_in
 
 
 def _column_step(i, weights, errors, loss, hinv_block, prune_column):
@@ -143,7 +153,7 @@ def _prune_block(weights, losses, hinv, start, width, budget, pattern):
     return weights, losses + block_loss
 
 
-@jax.jit(static_argnames=("pattern", "blocksize"))
+@jax.jit(static_argnames="blocksize")
 def sparsegpt_prune(
     weight: jax.Array,
     gram: jax.Array,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jprune.solvers import Pattern
+from jprune.solvers import Pattern, check_pattern_fits
 
 from .base import LayerProblem, LayerResult, NoOptions, register_layer_method
 from .magnitude import masked_by_score
@@ -28,5 +28,6 @@ def wanda_scores(weight: jax.Array, gram: jax.Array) -> jax.Array:
 def wanda(problem: LayerProblem, pattern: Pattern, options: NoOptions) -> LayerResult:
     """Keep the highest Wanda scores of each comparison group of ``pattern``."""
     weight = problem.weight
+    check_pattern_fits(pattern, weight.shape)  # not in the program: its count is traced
     scores = wanda_scores(weight, problem.gram)
     return LayerResult(masked_by_score(weight, scores, pattern), {})
