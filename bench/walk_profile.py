@@ -289,6 +289,15 @@ def commit() -> str:
 # calls (the solvers' Cholesky factorizations), spins its threads while waiting for work, so
 # on a busy machine its default thread count can slow a solve twenty-fold.
 ENVIRONMENT = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "XLA_FLAGS")
+OPENBLAS_NOTE = (
+    "`OPENBLAS_NUM_THREADS=1`: the OpenBLAS that jax's CPU LAPACK calls (the solves' Cholesky "
+    "factorizations) runs on one thread. On this machine, busy with other jobs, warm in-memory "
+    "prunes of stories-mini (sparsegpt 50%, 32 x 256) spent 2 to 25 s in their solves with "
+    "OpenBLAS's default two threads (over a dozen runs) and 0.9 to 1.1 s with one (three): the "
+    "default swamps the difference looked for here. One thread also rounds those LAPACK "
+    "calls differently: these checkpoints are bit-identical between the two ways, not "
+    "to a default run's."
+)
 
 
 def command(args) -> str:
@@ -420,6 +429,7 @@ def render(data: dict[str, Any]) -> str:
         "compiles the block programs. Seconds are the engine's own per-block record "
         "(`memory.blocks[i].seconds` in report.json; each part waits for its results); "
         "`bench/walk_profile.json` keeps every run's blocks.",
+        *([] if "OPENBLAS_NUM_THREADS=1 " not in data["command"] else ["", OPENBLAS_NOTE]),
         "",
         "| run | way | prune seconds | load average (1 min) before |",
         "|---|---|---|---|",
