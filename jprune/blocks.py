@@ -37,6 +37,7 @@ class BlockState(NamedTuple):
     streams: dict[str, list[np.ndarray]]  # "x" / "x_dense" -> calibration batches (host)
     records: list[dict[str, Any]]
     shapes: dict[str, list[int]]  # canonical parameter name -> shape, of finished blocks
+    reconstruction: list[dict[str, Any]] = []  # the stage's record of each finished block
 
 
 def block_arrays(block: Block, index: int) -> dict[str, np.ndarray]:

@@ -201,6 +201,92 @@ class EngineConfig:
     )
 
 
+RECONSTRUCTION_OPTIMIZERS = ("adam", "adamw", "lion", "sgd")
+RECONSTRUCTION_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructionConfig:
+    """Block reconstruction (jprune.reconstruct): after a block's layer solves, fit its kept
+    weights to the block's target outputs by gradient descent, the masks fixed."""
+
+    steps: int = option(
+        0,
+        "optimizer steps per block after its layer solves (each on --reconstruct-windows "
+        "calibration windows); 0: the stage is off",
+        low=0,
+        flag=Flag("--reconstruct-steps", metavar="K"),
+    )
+    learning_rate: float = option(
+        1e-4,
+        "the optimizer's peak learning rate",
+        low=0,
+        flag=Flag("--reconstruct-lr", metavar="LR"),
+    )
+    optimizer: str = option(
+        "adam",
+        "the optax optimizer (adamw: decoupled weight decay 1e-4; sgd: momentum 0.9)",
+        choices=RECONSTRUCTION_OPTIMIZERS,
+        flag=Flag("--reconstruct-optimizer"),
+    )
+    schedule: str = option(
+        "cosine",
+        "the learning rate's decay over the steps, after a linear warmup",
+        choices=RECONSTRUCTION_SCHEDULES,
+        flag=Flag("--reconstruct-schedule"),
+    )
+    warmup: float = option(
+        0.1,
+        "fraction of the steps the learning rate ramps up over",
+        low=0,
+        high=1,
+        high_open=True,
+        flag=Flag("--reconstruct-warmup", metavar="F"),
+    )
+    windows: int = option(
+        4,
+        "calibration windows per step",
+        low=1,
+        flag=Flag("--reconstruct-windows", metavar="N"),
+    )
+    holdout: int = option(
+        4,
+        "calibration windows held out from the fit: the block's error on them picks the best "
+        "iterate, and a block no iterate improves keeps its layer solves' weights",
+        low=1,
+        flag=Flag("--reconstruct-holdout", metavar="N"),
+    )
+    eval_every: int = option(
+        8,
+        "steps between measurements on the held-out windows",
+        low=1,
+        flag=Flag("--reconstruct-eval-every", metavar="K"),
+    )
+    correction: float | None = option(
+        None,
+        "the target is the dense block's output on Xp + C (X - Xp) (Xp: the pruned model's "
+        "block inputs, X: the dense model's)",
+        low=0,
+        high=1,
+        unset="the method's correction option where it has one (fista, l0-admm), else 0",
+        flag=Flag("--reconstruct-correction", metavar="C"),
+    )
+    train_biases: bool = option(
+        False,
+        "also train the linears' biases (where the model has them)",
+        flag=Flag("--reconstruct-biases"),
+    )
+    train_norms: bool = option(
+        False,
+        "also train the block's norm parameters",
+        flag=Flag("--reconstruct-norms"),
+    )
+    seed: int = option(
+        0, "seed of the order the windows are visited in", low=0,
+        flag=Flag("--reconstruct-seed"),
+    )  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
     """Perplexity and zero-shot accuracy of the model before and after pruning."""
@@ -282,6 +368,7 @@ SECTIONS = {
     "allocation": AllocationConfig,
     "calibration": CalibrationConfig,
     "engine": EngineConfig,
+    "reconstruction": ReconstructionConfig,
     "evaluation": EvaluationConfig,
     "output": OutputConfig,
 }
@@ -294,6 +381,7 @@ class PruneConfig:
     calibration: CalibrationConfig
     engine: EngineConfig = EngineConfig()
     allocation: AllocationConfig = AllocationConfig()
+    reconstruction: ReconstructionConfig = ReconstructionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
 
@@ -339,10 +427,12 @@ class PruneConfig:
         force: bool = False,
         resume: bool = False,
         allocation: Mapping[str, Any] | None = None,
+        reconstruction: Mapping[str, Any] | None = None,
         **engine: Any,
     ) -> PruneConfig:
         """A configuration from flat keywords (``engine``: the ``EngineConfig`` fields;
-        ``allocation``: the ``AllocationConfig`` fields, e.g. ``{"method": "owl"}``)."""
+        ``allocation``: the ``AllocationConfig`` fields, e.g. ``{"method": "owl"}``;
+        ``reconstruction``: the ``ReconstructionConfig`` fields, e.g. ``{"steps": 64}``)."""
         return cls.from_dict(
             {
                 "model": {"path": str(model), "dtype": dtype},
@@ -361,6 +451,7 @@ class PruneConfig:
                 },
                 "engine": engine,
                 "allocation": dict(allocation or {}),
+                "reconstruction": dict(reconstruction or {}),
                 "evaluation": {
                     "texts": [str(t) for t in eval_texts],
                     "seqlen": eval_seqlen,

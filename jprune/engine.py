@@ -55,6 +55,7 @@ from jprune.mesh_solve import Devices, solve_layer
 from jprune.methods import Method
 from jprune.methods.base import UnitContext
 from jprune.model import CausalLM, flat_arrays, named_arrays
+from jprune.reconstruct import Reconstruction, check_holdout, reconstruct
 from jprune.records import unit_record
 from jprune.sharding import mesh_size, replicate, to_host
 
@@ -72,6 +73,8 @@ class EngineOptions:
     # layer solved as this many equal row blocks, so that the pruned weights are bit-identical
     # on every mesh whose size divides it (``walk.canonical_gram``, ``mesh_solve``).
     row_blocks: int = 0
+    # The block-reconstruction stage after each block's layer solves (``jprune.reconstruct``).
+    reconstruction: Reconstruction | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -86,6 +89,10 @@ class EngineOptions:
                 f"row_blocks {self.row_blocks} does not split over the {devices}-device mesh: "
                 "choose a count the mesh size divides"
             )
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.reconstruction is not None and self.reconstruction.enabled
 
     @property
     def placement(self) -> walk.Placement:
@@ -103,6 +110,7 @@ class PruneOutcome(NamedTuple):
     config_updates: dict[str, Any]  # config.json changes the export needs
     extra_files: dict[str, str]  # files written beside the checkpoint (remote modeling code)
     memory: dict[str, Any]  # the bound (bytes) and, per block, measured peak RSS and device peak
+    reconstruction: list[dict[str, Any]]  # the block-reconstruction stage's record per block
 
 
 class _Job(NamedTuple):
@@ -223,16 +231,16 @@ class _Streams(NamedTuple):
 
 
 def _initial_streams(blocks, calibration, options: EngineOptions, use_dense: bool):
-    """The streams entering the first block to prune, where to start, and the records and
-    shapes of blocks already done (a resumed run)."""
+    """The streams entering the first block to prune, where to start, and the ``BlockState``
+    of the blocks already done (a resumed run; empty otherwise)."""
     resumed = blocks.resume()
     if resumed is not None:
         streams = {k: walk.Stream(v, options.placement) for k, v in resumed.streams.items()}
         x_dense = streams.get("x_dense")
         x = streams["x"] if options.sequential else x_dense
-        return resumed.next_block, _Streams(x, x_dense), resumed.records, dict(resumed.shapes)
+        return _Streams(x, x_dense), resumed
     x = walk.embed(blocks.shell, calibration, options.batch_size, options.placement)
-    return 0, _Streams(x, x if use_dense else None), [], {}
+    return _Streams(x, x if use_dense else None), BlockState(0, {}, [], {}, [])
 
 
 def prune_model(
@@ -270,22 +278,31 @@ def prune_model(
         method.program.check(
             spec, parameter_shapes(blocks), target, method_options, hf_config or {}
         )
+    if options.reconstructs:
+        check_holdout(options.reconstruction.settings, int(calibration.shape[0]))
     stages = method.program.stages(spec, method_options, options.intra_block)
     wants_dense = any(
         walk.DENSE_STATISTICS & set(w) for st in stages for w in st.statistics.values()
     )
-    use_dense = wants_dense or not options.sequential
-    start, streams, records, shapes = _initial_streams(blocks, calibration, options, use_dense)
+    corrects = options.reconstructs and options.reconstruction.correction > 0
+    use_dense = wants_dense or corrects or not options.sequential
+    streams, done = _initial_streams(blocks, calibration, options, use_dense)
+    records, shapes, stage_records = (
+        list(done.records),
+        dict(done.shapes),
+        list(done.reconstruction),
+    )
     stream_bytes = (streams.x if streams.x is not None else streams.x_dense).nbytes
     job = _Job(
         method.program, spec, target, method_options, int(calibration.size), hf_names, options,
         layer_targets,
     )  # fmt: skip
     block_memory = []
-    for index in range(start, spec.num_layers):
+    for index in range(done.next_block, spec.num_layers):
         streams, seconds = _prune_block(
-            job, blocks, index, streams, stages, use_dense, records, shapes, progress
-        )
+            job, blocks, index, streams, stages, use_dense, (records, shapes, stage_records),
+            progress,
+        )  # fmt: skip
         block_memory.append(_block_memory(index, seconds))
     if progress is not None:
         progress("done", spec.num_layers, spec.num_layers)
@@ -297,15 +314,21 @@ def prune_model(
         pruned = blocks.model
         if new_spec != spec:
             pruned = CausalLM(new_spec, named_arrays(pruned))
-    bound = memory.memory_bound(parameter_shapes(blocks), stream_bytes, 2 if use_dense else 1)
+    bound = memory.memory_bound(
+        parameter_shapes(blocks), stream_bytes, 2 if use_dense else 1, options.reconstructs
+    )
     usage = {"bound_bytes": bound, "blocks": block_memory}
-    return PruneOutcome(pruned, new_spec, records, config_updates, extra_files, usage)
+    return PruneOutcome(
+        pruned, new_spec, records, config_updates, extra_files, usage, stage_records
+    )
 
 
-def _prune_block(job: _Job, blocks, index, streams, stages, use_dense, records, shapes, progress):
+def _prune_block(job: _Job, blocks, index, streams, stages, use_dense, run_state, progress):
     """Prune block ``index`` from the streams entering it, hand it to ``blocks.store`` with the
     state a resumed run continues from, and return the streams entering the next block and
-    where the block's time went. ``records`` and ``shapes`` (the run's) grow in place."""
+    where the block's time went. ``run_state``: the run's unit records, parameter shapes and
+    reconstruction records, which grow in place."""
+    records, shapes, stage_records = run_state
     options = job.options
     memory.reset_peak()
     started = time.perf_counter()
@@ -317,6 +340,10 @@ def _prune_block(job: _Job, blocks, index, streams, stages, use_dense, records, 
     )  # fmt: skip
     work.seconds["load"] = time.perf_counter() - started
     records += _run_stages(job, work, stages, use_dense, progress)
+    if options.reconstructs:
+        if progress is not None:
+            progress(f"block {index}: reconstruction", index, job.spec.num_layers)
+        stage_records.append(_reconstruct(options, work, x_in))
     nnx.update(block, jax.tree.map(lambda a: jnp.asarray(to_host(a)), work.pruned.state))
     x_dense = work.next_dense if use_dense else None
     x = x_dense
@@ -328,8 +355,22 @@ def _prune_block(job: _Job, blocks, index, streams, stages, use_dense, records, 
     }
     kept = {"x": streams.x} if options.sequential else {}
     kept |= {"x_dense": streams.x_dense} if use_dense else {}
-    after = BlockState(index + 1, {k: v.batches for k, v in kept.items()}, records, shapes)
+    after = BlockState(
+        index + 1, {k: v.batches for k, v in kept.items()}, records, shapes, stage_records
+    )
     return streams, work.seconds | blocks.store(index, block, after)
+
+
+def _reconstruct(options: EngineOptions, work: _BlockWork, x_in: walk.Stream) -> dict[str, Any]:
+    """Run the block-reconstruction stage on the block its layer solves left; its record."""
+    weights, record = work.timed(
+        "reconstruct", reconstruct, work.index, work.dense, work.pruned, x_in, work.x_dense,
+        options.reconstruction, reproducible=options.row_blocks > 0,
+    )  # fmt: skip
+    if weights is not work.pruned:
+        # The stage moved the weights: what the cache kept of the old block's pass is stale.
+        work.pruned, work.cache = weights, {}
+    return record
 
 
 def _block_memory(index: int, seconds: Mapping[str, float]) -> dict[str, Any]:

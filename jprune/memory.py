@@ -80,7 +80,7 @@ def _nbytes(shape) -> int:
     return int(np.prod(shape.shape)) * np.dtype(shape.dtype).itemsize
 
 
-def memory_bound(shapes, stream_bytes: int, streams: int) -> int:
+def memory_bound(shapes, stream_bytes: int, streams: int, reconstruction: bool = False) -> int:
     """The most a pruning run holds at once besides the runtime itself (the README's bound):
 
     * what surrounds the blocks (embeddings, final norm, head) as stored, plus a float32
@@ -90,6 +90,11 @@ def memory_bound(shapes, stream_bytes: int, streams: int) -> int:
     * solver state of its largest linear (``layer_memory_bytes``' six copies);
     * the calibration streams (one or two), their cached attention outputs and the next
       block's inputs while they are computed.
+
+    With ``reconstruction`` (the block-reconstruction stage, ``jprune.reconstruct``), one block's
+    stage on top: six float32 copies of the block (the iterate, the best one, the gradient,
+    Adam's two moments, the step's new iterate) and three streams (the block's inputs and
+    targets gathered by window, and the target stream they come from).
 
     ``shapes``: canonical parameter name -> anything with ``.shape`` and ``.dtype``.
     Independent of the number of blocks: only the largest block counts.
@@ -116,4 +121,6 @@ def memory_bound(shapes, stream_bytes: int, streams: int) -> int:
     total += 3 * 4 * max(per_block.values(), default=0)
     grams = max((sum(d * d for d in taps.values()) for taps in inputs.values()), default=0)
     total += 3 * 4 * grams + 6 * 4 * largest
+    if reconstruction:
+        total += 6 * 4 * max(per_block.values(), default=0) + 3 * stream_bytes
     return total + (2 * streams + 2) * stream_bytes

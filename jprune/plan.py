@@ -62,6 +62,19 @@ def _check_evaluation(evaluation) -> None:
     require_lm_eval()
 
 
+def _resolve_reconstruction(config: PruneConfig, method_options):
+    """The reconstruction section with its target's correction decided (the method's own
+    ``correction`` option where it has one), refused when its held-out split leaves no window
+    to fit."""
+    from jprune.reconstruct import check_holdout
+
+    section = config.reconstruction
+    check_holdout(section, config.calibration.nsamples)
+    if section.correction is not None:
+        return section
+    return dataclasses.replace(section, correction=float(getattr(method_options, "correction", 0)))
+
+
 def resolve(config: PruneConfig) -> Plan:
     """Check everything that can be checked without the model; fill the method's defaults."""
     for value, what in (
@@ -88,6 +101,7 @@ def resolve(config: PruneConfig) -> Plan:
     check_allocation(config.allocation, method, target)
     intra_block = method.intra_block if engine.intra_block is None else engine.intra_block
     method.check_engine(intra_block)
+    reconstruction = _resolve_reconstruction(config, options)
     _check_evaluation(config.evaluation)
     out = config.output.out
     if out is not None and Path(out).exists() and not config.output.force:
@@ -97,5 +111,6 @@ def resolve(config: PruneConfig) -> Plan:
         config,
         target=dataclasses.replace(config.target, options=as_dict(options)),
         engine=dataclasses.replace(config.engine, intra_block=intra_block),
+        reconstruction=reconstruction,
     )
     return Plan(resolved, method, target, options)

@@ -38,6 +38,7 @@ from jprune.engine import EngineOptions, prune_model
 from jprune.errors import JpruneError
 from jprune.evaluate import evaluation_bytes, perplexity
 from jprune.plan import Plan, resolve
+from jprune.reconstruct import Objective, Reconstruction, relative_output_error
 from jprune.records import summarize
 from jprune.sharding import make_mesh, mesh_size
 from jprune.solvers import NM
@@ -61,7 +62,12 @@ def _layer_hf_name(spec) -> Callable[[str], str]:
     return shown
 
 
-def prune(config: PruneConfig | Plan, progress: ProgressFn | None = None) -> dict[str, Any]:
+def prune(
+    config: PruneConfig | Plan,
+    progress: ProgressFn | None = None,
+    *,
+    objective: Objective | None = None,
+) -> dict[str, Any]:
     """Prune as ``config`` says and return the report; write it to ``config.output.out``.
 
     ``engine.mesh`` spreads calibration batches and layer rows over devices (``"auto"``: all
@@ -74,13 +80,17 @@ def prune(config: PruneConfig | Plan, progress: ProgressFn | None = None) -> dic
     (N > 0) is the reproducible mode: Grams are summed window by window in a fixed order and
     each layer is solved as N equal row blocks, so the pruned weights are bit-identical on
     every mesh whose size divides N.
+
+    ``objective``: the block-reconstruction stage's objective (``config.reconstruction``; a
+    pure function of one window's block outputs and targets, see ``jprune.reconstruct``),
+    ``reconstruct.relative_output_error`` when not given.
     """
     run = config if isinstance(config, Plan) else resolve(config)
     with jax.default_matmul_precision(run.config.engine.matmul_precision):
-        return _prune(run, progress)
+        return _prune(run, progress, objective or relative_output_error)
 
 
-def _engine_options(run: Plan) -> EngineOptions:
+def _engine_options(run: Plan, objective: Objective = relative_output_error) -> EngineOptions:
     """The engine's options, on the devices the run has (they check themselves)."""
     settings = run.config.engine
     return EngineOptions(
@@ -90,6 +100,7 @@ def _engine_options(run: Plan) -> EngineOptions:
         mesh=make_mesh(settings.mesh),
         offload=settings.offload,
         row_blocks=settings.row_blocks,
+        reconstruction=Reconstruction(run.config.reconstruction, objective),
     )
 
 
@@ -233,10 +244,10 @@ def _memory_report(outcome, baseline: int, evaluations) -> dict[str, Any]:
     }
 
 
-def _prune(run: Plan, progress: ProgressFn | None) -> dict[str, Any]:
+def _prune(run: Plan, progress: ProgressFn | None, objective: Objective) -> dict[str, Any]:
     started = time.perf_counter()
     config = run.config
-    engine = _engine_options(run)
+    engine = _engine_options(run, objective)
     checkpoint = Checkpoint(config.model.path, config.model.dtype)  # headers only
     _check_model(run, checkpoint)
     calibration, evaluations = _texts(run)
@@ -292,6 +303,17 @@ def _dense_evaluations(run: Plan, checkpoint, staging: Staging, texts, progress)
     return before, zero_shot_before
 
 
+def _reconstruction_report(engine: EngineOptions, outcome) -> dict[str, Any] | None:
+    """The stage's objective, its held-out windows and each block's record (None: off)."""
+    if not engine.reconstructs:
+        return None
+    holdout = engine.reconstruction.settings.holdout
+    return engine.reconstruction.describe() | {
+        "held_out_windows": f"the last {holdout} calibration windows",
+        "blocks": outcome.reconstruction,
+    }
+
+
 def _prune_into(run, progress, engine, checkpoint, staging, texts, started, baseline):
     config, method, target = run.config, run.method, run.target
     calibration, evaluations, tasks = texts
@@ -329,6 +351,7 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
         },
         "summary": summarize(outcome.records),
         "allocation": allocation.report,
+        "reconstruction": _reconstruction_report(engine, outcome),
         "zero_shot": None
         if tasks is None
         else {"before": zero_shot_before, "after": zero_shot_after},

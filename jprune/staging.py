@@ -38,7 +38,7 @@ MANIFEST = "jprune-run.json"
 PROGRESS = "jprune-progress.json"
 JOURNAL_FORMAT = 1
 # The settings the pruned tensors depend on (evaluation and output do not change them).
-PRUNING_SECTIONS = ("model", "target", "allocation", "calibration", "engine")
+PRUNING_SECTIONS = ("model", "target", "allocation", "calibration", "engine", "reconstruction")
 
 
 def staging_path(out: str | os.PathLike) -> Path:
@@ -215,6 +215,7 @@ class Staging:
             blocks_done=state.next_block,
             records=state.records,
             shapes=state.shapes,
+            reconstruction=state.reconstruction,
             streams={"folder": folder.name, "batches": counts},
         )
         if previous and previous["folder"] != folder.name:
@@ -230,7 +231,10 @@ class Staging:
             name: [np.load(folder / f"{name}-{i:05d}.npy") for i in range(count)]
             for name, count in streams["batches"].items()
         }
-        return BlockState(progress["blocks_done"], loaded, progress["records"], progress["shapes"])
+        return BlockState(
+            progress["blocks_done"], loaded, progress["records"], progress["shapes"],
+            progress.get("reconstruction", []),
+        )  # fmt: skip
 
     # ------------------------------------------------------------ the end
 

@@ -233,3 +233,45 @@ def test_a_killed_run_resumes_bit_identically(deep_tiny, tmp_path, capsys):
     assert _cli(capsys, command(other, *RESUME_SETTINGS, "--force"))[0] == 0
     assert not staging_path(other).exists()
     assert json.loads((other / "report.json").read_text())["resumed_from_block"] is None
+
+
+def test_a_killed_run_with_block_reconstruction_resumes_bit_identically(
+    deep_tiny, tmp_path, capsys
+):
+    """The stage's records and weights, and the streams it leaves, survive a kill: the
+    resumed run writes the uninterrupted run's bytes."""
+    model, calib = tmp_path / "model", tmp_path / "calib.txt"
+    shutil.copytree(deep_tiny, model)
+    shutil.copy2(CALIB_TEXT, calib)
+    settings = (
+        "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "8", "--seqlen", "64",
+        "--reconstruct-steps", "24", "--reconstruct-lr", "1e-3", "--reconstruct-holdout", "2",
+        "--reconstruct-windows", "2", "--reconstruct-eval-every", "4",
+    )  # fmt: skip
+
+    def command(out, *extra):
+        return [*_prune_command(model, out, *settings, *extra), "--calib", str(calib)]
+
+    whole = tmp_path / "whole"
+    assert _cli(capsys, command(whole))[0] == 0
+    out = tmp_path / "resumed"
+    killed_at = _kill_after_blocks(command(out), staging_path(out), 3)
+    assert 3 <= killed_at < 8 and not out.exists()
+    code, err = _cli(capsys, command(out, "--resume", "--reconstruct-steps", "8"))
+    assert code == 2 and "reconstruction.steps was 24, now 8" in err, err
+    assert _cli(capsys, command(out, "--resume"))[0] == 0
+    report = json.loads((out / "report.json").read_text())
+    whole_report = json.loads((whole / "report.json").read_text())
+    assert report["resumed_from_block"] == killed_at
+
+    def timeless(blocks):
+        return [{k: v for k, v in b.items() if k != "seconds"} for b in blocks]
+
+    ours, theirs = report["reconstruction"]["blocks"], whole_report["reconstruction"]["blocks"]
+    assert [b["block"] for b in ours] == list(range(8))
+    assert timeless(ours) == timeless(theirs)
+    assert any(b["best_step"] > 0 for b in ours)
+    expected, found = read_tensors(whole), read_tensors(out)
+    assert expected.keys() == found.keys()
+    for name, tensor in expected.items():
+        assert np.array_equal(tensor.view(np.uint32), found[name].view(np.uint32)), name
