@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.model, args.method, sparsity=args.sparsity, calib=args.calib,
         nsamples=args.nsamples, seqlen=args.seqlen, eval_texts=args.eval, out=args.out,
         force=args.out is not None,
-        reconstruction={"steps": args.steps, "learning_rate": args.lr},
+        reconstruction={"enabled": True, "steps": args.steps, "learning_rate": args.lr},
     )  # fmt: skip
     report = jp.prune(config, objective=normalized_output_error)
     for text, values in report["perplexity"].items():

@@ -210,11 +210,16 @@ class ReconstructionConfig:
     """Block reconstruction (jprune.reconstruct): after a block's layer solves, fit its kept
     weights to the block's target outputs by gradient descent, the masks fixed."""
 
+    enabled: bool = option(
+        False,
+        "after each block's layer solves, fit the block's kept weights to its target outputs "
+        "(the other --reconstruct-* flags tune it)",
+        flag=Flag("--reconstruct"),
+    )
     steps: int = option(
-        0,
-        "optimizer steps per block after its layer solves (each on --reconstruct-windows "
-        "calibration windows); 0: the stage is off",
-        low=0,
+        16,
+        "optimizer steps per block (each on --reconstruct-windows calibration windows)",
+        low=1,
         flag=Flag("--reconstruct-steps", metavar="K"),
     )
     learning_rate: float = option(
@@ -283,7 +288,7 @@ class ReconstructionConfig:
     )
     seed: int = option(
         0, "seed of the order the windows are visited in", low=0,
-        flag=Flag("--reconstruct-seed"),
+        flag=Flag("--reconstruct-seed", metavar="N"),
     )  # fmt: skip
 
 

@@ -73,7 +73,7 @@ class Reconstruction:
 
     @property
     def enabled(self) -> bool:
-        return self.settings.steps > 0
+        return self.settings.enabled
 
     @property
     def correction(self) -> float:
@@ -87,7 +87,7 @@ class Reconstruction:
 
 def check_holdout(settings: ReconstructionConfig, nsamples: int) -> None:
     """Refuse a held-out split that leaves no window to fit (before any model work)."""
-    if settings.steps and nsamples - settings.holdout < 1:
+    if settings.enabled and nsamples - settings.holdout < 1:
         raise JpruneError(
             f"reconstruction holds out {settings.holdout} of {nsamples} calibration windows "
             "and would fit none: lower --reconstruct-holdout or raise --nsamples"

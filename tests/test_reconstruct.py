@@ -34,7 +34,14 @@ from conftest import (
     run_on_eight_devices,
 )
 
-STAGE = {"steps": 6, "learning_rate": 1e-3, "eval_every": 2, "holdout": 2, "windows": 2}
+STAGE = {
+    "enabled": True,
+    "steps": 6,
+    "learning_rate": 1e-3,
+    "eval_every": 2,
+    "holdout": 2,
+    "windows": 2,
+}
 CALIBRATION = {"nsamples": 8, "seqlen": 64}
 
 
@@ -164,14 +171,17 @@ def test_the_stage_keeps_every_pruned_weight_zero_and_every_count(assets, tmp_pa
 
 
 def test_a_stage_that_cannot_move_leaves_the_checkpoint_bit_for_bit(assets, tmp_path):
-    """0 steps is the stage off; a zero learning rate runs every step and every held-out
-    measurement, finds no better iterate, and must leave the layer solves' bits."""
+    """The stage off is no stage; on with a zero learning rate it runs every step and every
+    held-out measurement, finds no better iterate, and must leave the layer solves' bits."""
     plain, _ = _run(tmp_path, "plain", "sparsegpt", sparsity=0.5)
     expected = _shards(plain)
-    for name, stage in {"off": {"steps": 0}, "still": {**STAGE, "learning_rate": 0.0}}.items():
+    for name, stage in {
+        "off": {**STAGE, "enabled": False},
+        "still": {**STAGE, "learning_rate": 0.0},
+    }.items():
         out, report = _run(tmp_path, name, "sparsegpt", sparsity=0.5, reconstruction=stage)
         assert _shards(out) == expected, name
-        if stage["steps"]:
+        if stage["enabled"]:
             assert all(b["best_step"] == 0 for b in report["reconstruction"]["blocks"])
         else:
             assert report["reconstruction"] is None
@@ -184,9 +194,9 @@ def test_the_target_correction_defaults_to_the_methods():
         )
         return resolve(config).config.reconstruction
 
-    assert plan("fista", steps=4).correction == 0.25  # fista's own default
-    assert plan("fista", steps=4, correction=0.5).correction == 0.5
-    assert plan("sparsegpt", steps=4).correction == 0.0
+    assert plan("fista", enabled=True).correction == 0.25  # fista's own default
+    assert plan("fista", enabled=True, correction=0.5).correction == 0.5
+    assert plan("sparsegpt", enabled=True).correction == 0.0
     with pytest.raises(JpruneError, match="holds out 8 of 8 calibration windows"):
         resolve(
             PruneConfig.of(
@@ -195,7 +205,7 @@ def test_the_target_correction_defaults_to_the_methods():
                 sparsity=0.5,
                 calib=CALIB_TEXT,
                 nsamples=8,
-                reconstruction={"steps": 4, "holdout": 8},
+                reconstruction={"enabled": True, "holdout": 8},
             )  # fmt: skip
         )
     with pytest.raises(JpruneError, match="correction"):

@@ -245,7 +245,7 @@ def test_a_killed_run_with_block_reconstruction_resumes_bit_identically(
     shutil.copy2(CALIB_TEXT, calib)
     settings = (
         "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "8", "--seqlen", "64",
-        "--reconstruct-steps", "24", "--reconstruct-lr", "1e-3", "--reconstruct-holdout", "2",
+        "--reconstruct", "--reconstruct-steps", "24", "--reconstruct-lr", "1e-3", "--reconstruct-holdout", "2",
         "--reconstruct-windows", "2", "--reconstruct-eval-every", "4",
     )  # fmt: skip
 
