@@ -59,10 +59,12 @@ def run_cell(args, cell: str, eval_files: dict[str, Path]) -> dict:
     method, target, stage = parse_cell(cell)
     target_kwargs = {"pattern": target} if ":" in target else {"sparsity": float(target)}
     with tempfile.TemporaryDirectory() as tmp:
+        kept = args.keep / cell.replace(":", "-") if args.keep and stage else None
         config = PruneConfig.of(
             args.model, method, **target_kwargs, calib=args.calib, nsamples=args.nsamples,
             seqlen=args.seqlen, eval_texts=[str(f) for f in eval_files.values()],
-            eval_seqlen=512, evaluate_dense=args.dense, out=Path(tmp) / "pruned",
+            eval_seqlen=512, evaluate_dense=args.dense, out=kept or Path(tmp) / "pruned",
+            force=kept is not None,
             reconstruction={"enabled": stage} | ({"steps": args.steps} if args.steps else {}),
         )  # fmt: skip
         started = time.perf_counter()
@@ -168,6 +170,9 @@ def main() -> None:
         "--steps", type=int, default=None, help="the stage's steps (default: its default)"
     )
     parser.add_argument("--json", type=Path, required=True, help="results file (appended)")
+    parser.add_argument(
+        "--keep", type=Path, help="write the cells with the stage here (for bench/zeroshot.py)"
+    )
     parser.add_argument("--resume", action="store_true", help="skip cells already in --json")
     parser.add_argument("--render", action="store_true", help="write the RESULTS.md section")
     parser.add_argument("--render-only", action="store_true", help="render --json and stop")
