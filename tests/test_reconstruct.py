@@ -171,13 +171,15 @@ def test_the_stage_keeps_every_pruned_weight_zero_and_every_count(assets, tmp_pa
 
 
 def test_a_stage_that_cannot_move_leaves_the_checkpoint_bit_for_bit(assets, tmp_path):
-    """The stage off is no stage; on with a zero learning rate it runs every step and every
-    held-out measurement, finds no better iterate, and must leave the layer solves' bits."""
+    """The stage off is no stage; on with 0 steps it measures the held-out windows only; on
+    with a zero learning rate it runs every step and every held-out measurement and finds no
+    better iterate. Each must leave the layer solves' bits."""
     plain, _ = _run(tmp_path, "plain", "sparsegpt", sparsity=0.5)
     expected = _shards(plain)
     for name, stage in {
         "off": {**STAGE, "enabled": False},
-        "still": {**STAGE, "learning_rate": 0.0},
+        "zero steps": {**STAGE, "steps": 0},
+        "zero rate": {**STAGE, "learning_rate": 0.0},
     }.items():
         out, report = _run(tmp_path, name, "sparsegpt", sparsity=0.5, reconstruction=stage)
         assert _shards(out) == expected, name
