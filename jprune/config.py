@@ -224,8 +224,9 @@ class ReconstructionConfig:
         flag=Flag("--reconstruct-steps", metavar="K"),
     )
     learning_rate: float = option(
-        1e-4,
-        "the optimizer's peak learning rate",
+        1e-3,
+        "the optimizer's peak learning rate (chosen on tuning text: bench/RESULTS.md, "
+        "'Block reconstruction')",
         low=0,
         flag=Flag("--reconstruct-lr", metavar="LR"),
     )
