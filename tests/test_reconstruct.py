@@ -287,3 +287,23 @@ def test_the_stage_gives_one_devices_weights_on_eight_in_the_reproducible_mode(a
     # the default mode on 8 devices: gradients reduced across them, the same fit up to round-off
     for ours, theirs in zip(results["8-0"], results["1-8"], strict=True):
         assert ours["held_out_after"] == pytest.approx(theirs["held_out_after"], rel=0.05)
+
+
+def test_the_stage_follows_a_layer_wise_allocation(assets, tmp_path):
+    """OWL gives each block its own sparsity; the stage keeps every layer's allocated count."""
+    out, report = _run(
+        tmp_path, "owl", "sparsegpt", sparsity=0.5, allocation={"method": "owl"},
+        reconstruction=STAGE,
+    )  # fmt: skip
+    allocated = report["allocation"]["layers"]
+    weights = dict(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict())
+    module = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+              "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+              "down": "mlp.down_proj"}  # fmt: skip
+    assert len(allocated) == 5 * 7
+    assert len({layer["sparsity"] for layer in allocated.values()}) > 1  # not uniform
+    for name, layer in allocated.items():
+        _, block, role = name.split(".")
+        weight = weights[f"model.layers.{block}.{module[role]}.weight"]
+        assert int((weight == 0).sum()) == layer["pruned"], name
+    assert report["reconstruction"]["blocks"][0]["best_step"] > 0
