@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ASSETS, BENCH, RESULTS_MD, load_text, machine, write_section
+from common import ASSETS, BENCH, RESULTS_MD, load_text, machine, read_section, write_section
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -122,6 +122,7 @@ def pruning(directory: Path) -> dict | None:
         f"{calibration['nsamples']} x {calibration['seqlen']} tokens, seed {calibration['seed']}",
         "sparsity": data["summary"]["sparsity"],
         "prune_seconds": data["prune_seconds"],
+        "reconstruct": (data["config"].get("reconstruction") or {}).get("enabled", False),
     }
 
 
@@ -170,7 +171,11 @@ def main(argv=None) -> int:
     build_tasks(Path(args.tasks_dir), args.items, args.seed)
     spec = TaskSpec(tuple(TASKS), include_path=args.tasks_dir).check()
     record = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
-    record.update(machine=machine(), items=args.items, batch_size=args.batch_size)
+    # "machine": where the dense row and the timing were measured (accuracies do not depend
+    # on it; a run adding pruned rows only leaves it as it was)
+    if args.dense or "machine" not in record:
+        record["machine"] = machine()
+    record.update(items=args.items, batch_size=args.batch_size)
     rows = record.setdefault("rows", {})
     if args.dense:
         rows["dense"], seconds = ours(args.dense, spec, args.batch_size)
@@ -247,8 +252,9 @@ def section(record: dict) -> str:
                 lines.append(f"- {label}: no report.json next to the checkpoint")
                 continue
             options = _changed_options(info["method"], info["options"]) or "default options"
+            stage = " --reconstruct" if info.get("reconstruct") else ""
             lines.append(
-                f"- {label}: `jprune prune --method {info['method']}` to {info['target']} "
+                f"- {label}: `jprune prune --method {info['method']}{stage}` to {info['target']} "
                 f"({options}); calibration {info['calibration']}; achieved sparsity over the "
                 f"decoder linears {info['sparsity']:.6f}; pruned in {info['prune_seconds']:.0f} s."
             )
@@ -269,7 +275,22 @@ def section(record: dict) -> str:
                 f"{warm:.1f} s, ratio hf / jprune {timing['hf_seconds'] / warm:.2f} (the first "
                 f"pass spent about {timing['jprune_seconds'] - warm:.0f} s compiling).",
             ]
-    return "\n".join(lines) + "\n"
+    notes = _hand_notes()
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+HAND_NOTES = "Notes written by hand (the script does not write them):"
+
+
+def _hand_notes() -> list[str]:
+    """The section's hand-written notes, kept as they are when the script rewrites it."""
+    current = read_section(RESULTS_MD, "## Zero-shot").split("\n")
+    if HAND_NOTES not in current:
+        return []
+    notes = current[current.index(HAND_NOTES) :]
+    while notes and not notes[-1].strip():
+        notes.pop()
+    return notes
 
 
 if __name__ == "__main__":
