@@ -38,9 +38,12 @@ CELLS = tuple(
     for target in ("0.5", "0.7", "2:4")
     for stage in ("", ":stage")
 )
+# The run the section shows (fista 50% last: the cells the targets bite on first).
 COMMAND = (
     ".venv/bin/python bench/reconstruction.py --model .cache/smollm2-135m "
-    "--json bench/reconstruction.json --render"
+    "--json bench/reconstruction.json --render --keep /work/keep --cells sparsegpt:0.5 "
+    "sparsegpt:0.5:stage sparsegpt:0.7 sparsegpt:0.7:stage sparsegpt:2:4 sparsegpt:2:4:stage "
+    "fista:0.7 fista:0.7:stage fista:2:4 fista:2:4:stage fista:0.5 fista:0.5:stage"
 )
 # The targets: WikiText-2 perplexity with the stage at most this fraction of the same
 # method's without it (50%: not higher), and the bounds on time and memory.
