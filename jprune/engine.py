@@ -268,8 +268,8 @@ def prune_model(
     gets instead of ``target`` (a layer-wise allocation, ``jprune.allocation``).
 
     ``checked``: the caller has already run ``method.program.check`` on this model and target
-    (``jprune.prune`` does, once, from the checkpoint's headers before any work); otherwise it
-    runs here. ``EngineOptions`` checks itself when built.
+    and ``reconstruct.check_holdout`` on the calibration (``jprune.prune`` does, once, before
+    any work); otherwise they run here. ``EngineOptions`` checks itself when built.
     """
     blocks = as_blocks(model)
     method_options = method.options() if method_options is None else method_options
@@ -278,8 +278,8 @@ def prune_model(
         method.program.check(
             spec, parameter_shapes(blocks), target, method_options, hf_config or {}
         )
-    if options.reconstructs:
-        check_holdout(options.reconstruction.settings, int(calibration.shape[0]))
+        if options.reconstructs:
+            check_holdout(options.reconstruction.settings, int(calibration.shape[0]))
     stages = method.program.stages(spec, method_options, options.intra_block)
     wants_dense = any(
         walk.DENSE_STATISTICS & set(w) for st in stages for w in st.statistics.values()

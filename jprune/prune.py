@@ -66,7 +66,7 @@ def prune(
     config: PruneConfig | Plan,
     progress: ProgressFn | None = None,
     *,
-    objective: Objective | None = None,
+    objective: Objective = relative_output_error,
 ) -> dict[str, Any]:
     """Prune as ``config`` says and return the report; write it to ``config.output.out``.
 
@@ -82,15 +82,14 @@ def prune(
     every mesh whose size divides N.
 
     ``objective``: the block-reconstruction stage's objective (``config.reconstruction``; a
-    pure function of one window's block outputs and targets, see ``jprune.reconstruct``),
-    ``reconstruct.relative_output_error`` when not given.
+    pure function of one window's block outputs and targets, see ``jprune.reconstruct``).
     """
     run = config if isinstance(config, Plan) else resolve(config)
     with jax.default_matmul_precision(run.config.engine.matmul_precision):
-        return _prune(run, progress, objective or relative_output_error)
+        return _prune(run, progress, objective)
 
 
-def _engine_options(run: Plan, objective: Objective = relative_output_error) -> EngineOptions:
+def _engine_options(run: Plan, objective: Objective) -> EngineOptions:
     """The engine's options, on the devices the run has (they check themselves)."""
     settings = run.config.engine
     return EngineOptions(

@@ -241,7 +241,7 @@ def walk(
 # ---------------------------------------------------------------- statistics
 
 
-def canonical_sum(x: jax.Array) -> jax.Array:
+def _pairwise_sum(x: jax.Array) -> jax.Array:
     """Sum over the leading axis as a fixed binary tree (neighbours first, an odd last one
     carried up): the additions do not depend on how the axis is split over devices."""
     while x.shape[0] > 1:
@@ -255,9 +255,9 @@ def canonical_gram(a: jax.Array, b: jax.Array) -> jax.Array:
 
     A data-parallel ``A^T B`` is each device's partial product plus an all-reduce, so its
     rounding depends on how many devices share the windows. Here every window's Gram is one
-    product of fixed shape and the windows are summed by ``canonical_sum``.
+    product of fixed shape and the windows are summed by ``_pairwise_sum``.
     """
-    return canonical_sum(jnp.einsum("wti,wtj->wij", a, b))
+    return _pairwise_sum(jnp.einsum("wti,wtj->wij", a, b))
 
 
 def _gram(a: jax.Array, b: jax.Array, reproducible: bool) -> jax.Array:
@@ -290,7 +290,7 @@ def _energy(x: jax.Array, weight: jax.Array, reproducible: bool) -> jax.Array:
     """``||W x||^2`` summed over the tokens of (windows, seqlen, d_in) activations, float32."""
     y = x @ weight.astype(x.dtype).T
     per_window = jnp.sum(jnp.square(y).astype(jnp.float32), axis=tuple(range(1, y.ndim)))
-    return canonical_sum(per_window) if reproducible else jnp.sum(per_window)
+    return _pairwise_sum(per_window) if reproducible else jnp.sum(per_window)
 
 
 Requests = tuple[tuple[str, tuple[str, ...]], ...]
