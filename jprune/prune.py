@@ -323,7 +323,9 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
     blocks = CheckpointBlocks(
         checkpoint, BlockShards(staging.path, checkpoint.spec) if writer else None, staging
     )
+    allocation_started = time.perf_counter()
     allocation = allocate(blocks, calibration, target, config.allocation, engine, staging, progress)
+    allocation_seconds = time.perf_counter() - allocation_started
     outcome = prune_model(
         blocks, calibration, method, target, run.method_options, engine,
         hf_config=checkpoint.config, progress=progress, hf_names=_layer_hf_name(checkpoint.spec),
@@ -349,7 +351,7 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
             for name in evaluations
         },
         "summary": summarize(outcome.records),
-        "allocation": allocation.report,
+        "allocation": allocation.report | {"seconds": allocation_seconds},
         "reconstruction": _reconstruction_report(engine, outcome),
         "zero_shot": None
         if tasks is None
