@@ -16,6 +16,9 @@ Results go to ``bench/allocation_speed.json`` and the ``## Allocation: prune tim
 
     .venv/bin/python bench/allocation_speed.py --model .cache/smollm2-135m \\
         --compare /work/baseline/before-alloc
+
+``--recompare KEPT --compare DIR`` adds the comparisons the run could not make (the other
+code's checkpoints written later), from this run's checkpoints kept at ``KEPT/<cell>``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file as read_tensors_file
 
 import jprune.prune as jp
 from jprune.config import PruneConfig
-from jprune.converters.hf import read_tensors
 
 from common import ASSETS, BENCH, RESULTS_MD, ROOT, load_text, machine, write_section
 
@@ -51,13 +54,29 @@ def prune(args, method: str, sparsity: float, allocation: str, out: Path) -> dic
     return jp.prune(config)
 
 
+def _allocated(directory: Path) -> list:
+    """The per-layer allocation of a run: report.json's, or (a run's staging directory kept
+    before its report was written) its journal's."""
+    report = directory / "report.json"
+    if report.is_file():
+        return json.loads(report.read_text())["allocation"]["layers"]
+    return json.loads((directory / "jprune-progress.json").read_text())["allocation"]["layers"]
+
+
+def _decoder_tensors(directory: Path) -> dict[str, np.ndarray]:
+    """The decoder blocks' tensors, shard by shard (a kept staging directory has no index)."""
+    out = {}
+    for shard in sorted(directory.glob("model-*.safetensors")):
+        out |= {k: v for k, v in read_tensors_file(shard).items() if ".layers." in k}
+    return out
+
+
 def masks_equal(ours: Path, theirs: Path) -> dict:
-    """Every tensor's zero pattern, and report.json's per-layer allocation, compared."""
-    a, b = read_tensors(ours), read_tensors(theirs)
+    """Every decoder tensor's zero pattern, and the per-layer allocation, compared."""
+    a, b = _decoder_tensors(ours), _decoder_tensors(theirs)
     differ = [k for k in a if k not in b or not np.array_equal(a[k] == 0, b[k] == 0)]
-    allocated = [
-        json.loads((d / "report.json").read_text())["allocation"]["layers"] for d in (ours, theirs)
-    ]
+    differ += [k for k in b if k not in a]
+    allocated = [_allocated(d) for d in (ours, theirs)]
     return {
         "tensors": len(a),
         "masks_differ": differ,
@@ -151,6 +170,8 @@ def render(result: dict) -> str:
     compared = [c for c in result["cells"] if "compare" in c]
     if compared:
         lines.append("Masks against the checkpoints of the code before traced counts:")
+        if "recompared" in result:
+            lines += ["", "```", f"    {result['recompared']}", "```"]
         lines.append("")
         for c in compared:
             found = c["compare"]
@@ -178,9 +199,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--compare", type=Path, help="checkpoints of other code to compare masks")
     parser.add_argument("--render-only", action="store_true", help="re-render the JSON")
+    parser.add_argument(
+        "--recompare",
+        type=Path,
+        help="with --compare: compare the cells the JSON has no comparison for, from this run's "
+        "checkpoints kept at DIR/<method>-<allocation> (an output or a staging directory)",
+    )
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
-    if args.render_only:
+    if args.recompare and not args.compare:
+        parser.error("--recompare needs --compare (the other code's checkpoints)")
+    if args.recompare:
+        result = json.loads(RESULTS_JSON.read_text())
+        for cell in result["cells"]:
+            label = f"{cell['method']}-{cell['allocation']}"
+            theirs, ours = args.compare / label, args.recompare / label
+            if cell.get("compare", 0) is None and theirs.is_dir() and ours.is_dir():
+                cell["compare"] = masks_equal(ours, theirs) | {"kept": str(ours)}
+                result["recompared"] = "python bench/allocation_speed.py " + " ".join(args.argv)
+        RESULTS_JSON.write_text(json.dumps(result, indent=1) + "\n")
+    elif args.render_only:
         result = json.loads(RESULTS_JSON.read_text())
     else:
         result = run(args)
