@@ -31,7 +31,7 @@ from jprune.converters.spec import (
     layer_widths,
     spec_from_hf_config,
 )
-from jprune.errors import JpruneError
+from jprune.errors import JpruneError, writing
 
 
 class CheckpointError(JpruneError):
@@ -475,7 +475,9 @@ class Checkpoint:
             else:
                 by_file.setdefault(self._file_of[theirs], []).append(theirs)
         for file, hf_names in by_file.items():
-            tensors |= _read_safetensors(self.path / file, hf_names)
+            read = _read_safetensors(self.path / file, hf_names)
+            _require_finite(read, self.path / file)
+            tensors |= read
         out: dict[str, np.ndarray] = {}
         for ours in names:
             array = tensors[self.name_map[ours]]
@@ -503,6 +505,22 @@ class Checkpoint:
     @property
     def parameter_count(self) -> int:
         return sum(int(np.prod(s.shape)) for s in self.shapes.values())
+
+
+def _require_finite(tensors: Mapping[str, np.ndarray], file: Path) -> None:
+    """Refuse a tensor holding NaN or Inf, by name, when it is read: every number jprune
+    computes from it (Grams, solves, perplexities) would be NaN, far from where it came in.
+    No real checkpoint has them on purpose; one that does is damaged."""
+    for name, array in tensors.items():
+        if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+            continue
+        finite = np.isfinite(array.astype(np.float32) if array.dtype.itemsize < 4 else array)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise CheckpointError(
+                f"tensor {name!r} in {str(file)!r} holds {bad} NaN or infinite value"
+                f"{'s' if bad > 1 else ''} of {array.size}: the checkpoint is damaged"
+            )
 
 
 def load_model(path: str | os.PathLike, dtype: str | None = None):
@@ -686,8 +704,9 @@ class BlockShards:
         tensors = dict(sorted(hf_tensors(self.name_map, arrays).items()))
         final = self.directory / self.shard_name(number)
         partial = final.with_suffix(".tmp")
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-        os.replace(partial, final)
+        with writing(final, sum(a.nbytes for a in tensors.values())):
+            save_file(tensors, str(partial), metadata={"format": "pt"})
+            os.replace(partial, final)
 
     def write_block(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
         """``arrays``: block ``index``'s canonical-named tensors (``layers.{index}.q.weight``)."""
@@ -704,4 +723,6 @@ class BlockShards:
                 weight_map[name] = shard
                 total += int(np.prod(shape.shape)) * shape.dtype.itemsize
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        text = json.dumps(index, indent=2) + "\n"
+        with writing(self.directory / SAFE_INDEX, len(text)):
+            (self.directory / SAFE_INDEX).write_text(text)

@@ -19,7 +19,7 @@ the depth of the model.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -68,7 +68,8 @@ class CheckpointBlocks:
     """An HF checkpoint read a block at a time; finished blocks go to ``shards`` (if any).
 
     ``journal`` (a ``staging.Staging``) records the engine state after every block so that
-    ``--resume`` continues from the last finished one.
+    ``--resume`` continues from the last finished one; ``after_block(index)`` is called once
+    block ``index`` is written and journaled (``stop.Signals`` stops a run there).
     """
 
     def __init__(
@@ -76,12 +77,14 @@ class CheckpointBlocks:
         checkpoint: Checkpoint,
         shards: BlockShards | None = None,
         journal: Any = None,
+        after_block: Callable[[int], None] | None = None,
     ):
         self.checkpoint = checkpoint
         self.spec = checkpoint.spec
         self.shell = CausalLM(checkpoint.spec, checkpoint.outer(), with_blocks=False)
         self.shards = shards
         self.journal = journal
+        self.after_block = after_block
 
     def load(self, index: int) -> Block:
         return Block(self.checkpoint.block(index), index, self.spec)
@@ -94,7 +97,10 @@ class CheckpointBlocks:
         written = time.perf_counter()
         if self.journal is not None:
             self.journal.save(state)
-        return {"write": written - started, "journal": time.perf_counter() - written}
+        seconds = {"write": written - started, "journal": time.perf_counter() - written}
+        if self.after_block is not None:
+            self.after_block(index)
+        return seconds
 
     def resume(self) -> BlockState | None:
         return None if self.journal is None else self.journal.load()

@@ -28,6 +28,7 @@ from jprune.config import (
 from jprune.errors import JpruneError
 from jprune.options import Flag, default_of, split_optional
 from jprune.plan import resolve
+from jprune.stop import Interrupted
 
 
 def _progress_bar(total: int, desc: str, quiet: bool):
@@ -529,6 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JpruneError as err:
         print(f"jprune: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stopped:  # SIGINT / SIGTERM, at a block boundary
+        print(f"jprune: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         print("jprune: interrupted", file=sys.stderr)
         return 130

@@ -50,6 +50,7 @@ from jax.sharding import Mesh
 
 from jprune import memory, walk
 from jprune.blocks import BlockState, InMemoryBlocks, as_blocks
+from jprune.converters.spec import block_linear_names, linear_input
 from jprune.errors import JpruneError
 from jprune.mesh_solve import Devices, solve_layer
 from jprune.methods import Method
@@ -168,6 +169,41 @@ def _set_param(state, name: str, value: jax.Array) -> None:
     node.set_value(value)
 
 
+def _non_finite(arrays: Mapping[str, Any]) -> list[str]:
+    """The names among ``arrays`` (floating arrays) holding NaN or Inf: one device round trip."""
+    flags = {
+        name: jnp.logical_not(jnp.all(jnp.isfinite(a)))
+        for name, a in arrays.items()
+        if jnp.issubdtype(jnp.result_type(a), jnp.floating)
+    }
+    return [name for name, bad in jax.device_get(flags).items() if bad]
+
+
+def _refuse_non_finite_statistics(job: _Job, index: int, stats) -> None:
+    """Calibration statistics with NaN or Inf would make every solve of the block NaN: refuse
+    them by block and by the linears whose inputs they describe."""
+    flat = {
+        f"{tap}/{kind}": value
+        for tap, values in stats.items()
+        for kind, value in values.items()
+        if hasattr(value, "dtype")
+    }
+    bad = _non_finite(flat)
+    if bad:
+        tap, kind = bad[0].split("/")
+        readers = [
+            (job.hf_names or str)(f"layers.{index}.{role}")
+            for role in block_linear_names(job.spec)
+            if linear_input(role) == tap
+        ]
+        raise JpruneError(
+            f"the calibration activations entering block {index} are not finite: the {kind} "
+            f"of the inputs to {', '.join(readers) or tap} holds NaN or Inf (an overflow in the "
+            "blocks before it, or a damaged model); nothing is written past the last finished "
+            "block"
+        )
+
+
 def _solve_stage(job: _Job, work: _BlockWork, stage, stats, held: int) -> list[dict[str, Any]]:
     """Solve a stage's units in order, writing each one's parameters into the pruned block.
     The statistics are ready (``_BlockWork.timed`` waited for them): a unit's seconds are its
@@ -183,6 +219,14 @@ def _solve_stage(job: _Job, work: _BlockWork, stage, stats, held: int) -> list[d
         result = job.program.solve(unit, context)
         jax.block_until_ready(result.updates)
         seconds = time.perf_counter() - started
+        bad = _non_finite(result.updates)
+        if bad:
+            shown = (job.hf_names or str)(f"layers.{work.index}.{result.linear}")
+            raise JpruneError(
+                f"the solve of {shown} (block {work.index}) returned NaN or Inf in {bad[0]}: "
+                "its statistics were finite, so this is the solver's failure; please report "
+                "it with the command"
+            )
         for name, value in result.updates.items():
             _set_param(work.pruned.state, name, replicate(value, job.options.mesh))
             work.final.add(name.split(".")[0])
@@ -217,6 +261,7 @@ def _run_stages(job: _Job, work: _BlockWork, stages, use_dense: bool, progress) 
         )  # fmt: skip
         if last_dense:
             stats, work.next_dense = stats
+        _refuse_non_finite_statistics(job, work.index, stats)
         held = work.held_bytes(2 if use_dense else 1)
         records += work.timed("solve", _solve_stage, job, work, stage, stats, held)
     return records

@@ -35,14 +35,15 @@ from jprune.converters.hf import (
 )
 from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
 from jprune.engine import EngineOptions, prune_model
-from jprune.errors import JpruneError
+from jprune.errors import JpruneError, WriteError, writing
 from jprune.evaluate import evaluation_bytes, perplexity
 from jprune.plan import Plan, resolve
 from jprune.reconstruct import Objective, Reconstruction, relative_output_error
 from jprune.records import summarize
 from jprune.sharding import make_mesh, mesh_size
 from jprune.solvers import NM
-from jprune.staging import Staging, fingerprint
+from jprune.staging import RunLock, Staging, fingerprint
+from jprune.stop import Interrupted, Signals
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -213,9 +214,17 @@ def _open_staging(run: Plan, writer: bool) -> Staging:
         path = Path(tempfile.mkdtemp(prefix="jprune-run-")) if writer else None
         return Staging(path, writer=writer, journal=False)
     identity = fingerprint(run.config.to_dict())
-    return Staging.open(
-        output.out, identity, resume=output.resume, force=output.force, writer=writer
-    )
+    lock = RunLock(output.out).acquire() if writer else None
+    try:
+        staging = Staging.open(
+            output.out, identity, resume=output.resume, force=output.force, writer=writer
+        )
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    staging.lock = lock
+    return staging
 
 
 def _write_checkpoint(staging: Staging, checkpoint: Checkpoint, outcome, source: str) -> None:
@@ -226,7 +235,8 @@ def _write_checkpoint(staging: Staging, checkpoint: Checkpoint, outcome, source:
     shards.write_outer(outer)
     shards.write_index()
     config = export_config(checkpoint.config, dtype_name(outer), outcome.config_updates)
-    write_metadata(staging.path, config, source, outcome.extra_files)
+    with writing(staging.path):  # config, tokenizer and generation files: a few KiB
+        write_metadata(staging.path, config, source, outcome.extra_files)
 
 
 def _memory_report(outcome, baseline: int, evaluations) -> dict[str, Any]:
@@ -255,18 +265,41 @@ def _prune(run: Plan, progress: ProgressFn | None, objective: Objective) -> dict
     writer = jax.process_index() == 0
     staging = _open_staging(run, writer)
     _barrier("jprune: staging checked")  # by every process, before process 0 changes it
-    staging.create()
     try:
-        return _prune_into(
-            run,
-            progress,
-            engine,
-            checkpoint,
-            staging,
-            (calibration, evaluations, tasks),
-            started,
-            baseline,
-        )
+        staging.create()
+        with Signals(enabled=jax.process_count() == 1) as stop:
+            return _prune_into(
+                run,
+                progress,
+                engine,
+                checkpoint,
+                staging,
+                (calibration, evaluations, tasks),
+                started,
+                baseline,
+                stop,
+            )
+    except Interrupted as stopped:
+        done = staging.progress().get("blocks_done", 0) if staging.journal else 0
+        if done:
+            hint = (
+                f"{done} of {checkpoint.spec.num_layers} blocks are kept in "
+                f"{str(staging.path)!r}: the same command with --resume continues the run"
+            )
+        else:
+            shutil.rmtree(staging.path, ignore_errors=True)
+            hint = "nothing to resume" + ("" if staging.journal else " (the run has no --out)")
+        raise Interrupted(stopped.signum, f"{stopped.where}; {hint}") from None
+    except WriteError as err:
+        done = staging.progress().get("blocks_done", 0) if staging.journal else 0
+        if not done:
+            shutil.rmtree(staging.path, ignore_errors=True)
+            raise
+        raise WriteError(
+            f"{err}; {done} of {checkpoint.spec.num_layers} blocks are kept in "
+            f"{str(staging.path)!r}: the same command with --resume continues once the cause "
+            "is fixed"
+        ) from None
     except BaseException:
         # A failure before any block finished leaves nothing worth resuming.
         if writer and staging.journal and not staging.progress().get("blocks_done"):
@@ -275,6 +308,8 @@ def _prune(run: Plan, progress: ProgressFn | None, objective: Objective) -> dict
     finally:
         if config.output.out is None and writer:
             shutil.rmtree(staging.path, ignore_errors=True)
+        if staging.lock is not None:
+            staging.lock.release()
 
 
 def _dense_evaluations(run: Plan, checkpoint, staging: Staging, texts, progress):
@@ -313,19 +348,25 @@ def _reconstruction_report(engine: EngineOptions, outcome) -> dict[str, Any] | N
     }
 
 
-def _prune_into(run, progress, engine, checkpoint, staging, texts, started, baseline):
+def _prune_into(run, progress, engine, checkpoint, staging, texts, started, baseline, stop):
     config, method, target = run.config, run.method, run.target
     calibration, evaluations, tasks = texts
     writer = staging.writer
     batch = engine.batch_size
+    num_blocks = checkpoint.spec.num_layers
     before, zero_shot_before = _dense_evaluations(run, checkpoint, staging, texts, progress)
+    stop.check("after the dense model's evaluation, before any block")
     prune_started = time.perf_counter()
     blocks = CheckpointBlocks(
-        checkpoint, BlockShards(staging.path, checkpoint.spec) if writer else None, staging
+        checkpoint,
+        BlockShards(staging.path, checkpoint.spec) if writer else None,
+        staging,
+        after_block=lambda index: stop.check(f"after block {index + 1} of {num_blocks}"),
     )
     allocation_started = time.perf_counter()
     allocation = allocate(blocks, calibration, target, config.allocation, engine, staging, progress)
     allocation_seconds = time.perf_counter() - allocation_started
+    stop.check("after the allocation pass, before any block")
     outcome = prune_model(
         blocks, calibration, method, target, run.method_options, engine,
         hf_config=checkpoint.config, progress=progress, hf_names=_layer_hf_name(checkpoint.spec),
@@ -367,6 +408,8 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
     report["wall_seconds"] = time.perf_counter() - started
     _barrier("jprune: evaluated")  # the other processes read the staging directory until here
     if config.output.out is not None and writer:
-        (staging.path / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        text = json.dumps(report, indent=2) + "\n"
+        with writing(staging.path / "report.json", len(text)):
+            (staging.path / "report.json").write_text(text)
         staging.commit(config.output.out)
     return report

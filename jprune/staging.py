@@ -16,10 +16,17 @@ blocks only. ``--resume`` reloads the streams and continues at the next block: t
 bit-identical to an uninterrupted run's. A resume whose settings, model or calibration differ
 is refused naming the difference; without ``--resume`` an existing staging directory is
 refused (``--force`` discards it).
+
+A run holds ``.NAME.lock`` beside ``NAME`` for its lifetime (``RunLock``, an ``flock``): a second
+run on the same output is refused while the first is alive, ``--force`` or not, since forcing
+would discard the staging directory the first is writing. The kernel drops the lock when its
+process dies, so a lock file a dead run left behind is stale and taken over.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -32,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from jprune.blocks import BlockState
-from jprune.errors import JpruneError
+from jprune.errors import JpruneError, writing
 
 MANIFEST = "jprune-run.json"
 PROGRESS = "jprune-progress.json"
@@ -44,6 +51,67 @@ PRUNING_SECTIONS = ("model", "target", "allocation", "calibration", "engine", "r
 def staging_path(out: str | os.PathLike) -> Path:
     out = Path(out)
     return out.parent / f".{out.name}.partial"
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.lock"
+
+
+class RunLock:
+    """An exclusive lock on an output path for a run's lifetime (``acquire`` ... ``release``).
+
+    ``flock`` on ``.NAME.lock``; the file holds the owner's process id, for the refusal's
+    message. ``release`` removes the file: a run that opened it just before sees, once it holds
+    the lock, that the path no longer names the file it locked, and starts over."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.path = lock_path(out)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise JpruneError(
+                    f"another jprune run ({self._owner()}) is writing {str(self.out)!r}: wait "
+                    "for it to finish (--force does not stop a live run)"
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # released and removed while we waited: lock the new file
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def _owner(self) -> str:
+        try:
+            pid = self.path.read_text().strip()
+        except OSError:
+            pid = ""
+        return f"process {pid}" if pid.isdigit() else "process unknown"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
 
 
 def _sha256(path: Path) -> str:
@@ -112,8 +180,10 @@ def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str |
 
 def _write_json(path: Path, data: Any) -> None:
     partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    text = json.dumps(data, indent=2) + "\n"
+    with writing(path, len(text)):
+        partial.write_text(text)
+        os.replace(partial, path)
 
 
 class Staging:
@@ -125,6 +195,7 @@ class Staging:
         self.writer = writer
         self.journal = journal  # False: a throw-away directory, no resume state kept
         self.resumed_from: int | None = None
+        self.lock: RunLock | None = None  # held by the writing process of a run with --out
         self._identity: dict[str, Any] | None = None
 
     @classmethod
@@ -202,14 +273,15 @@ class Staging:
         folder = self.path / f"streams-{state.next_block:05d}"
         partial = self.path / f".streams-{state.next_block:05d}.tmp"
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-        counts = {}
-        for name, batches in state.streams.items():
-            counts[name] = len(batches)
-            for i, batch in enumerate(batches):
-                np.save(partial / f"{name}-{i:05d}.npy", np.asarray(batch))
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)
+        counts = {name: len(batches) for name, batches in state.streams.items()}
+        nbytes = sum(b.nbytes for batches in state.streams.values() for b in batches)
+        with writing(folder, nbytes):  # the calibration streams a resume continues from
+            partial.mkdir()
+            for name, batches in state.streams.items():
+                for i, batch in enumerate(batches):
+                    np.save(partial / f"{name}-{i:05d}.npy", np.asarray(batch))
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
         previous = self.progress().get("streams")
         self._update(
             blocks_done=state.next_block,

@@ -31,11 +31,35 @@ def _release_compiled_programs():
     jax.clear_caches()
 
 
-# A persistent XLA compilation cache shared by the session and its subprocesses cut the
-# compile-bound parts of this suite, but the clean-clone run with it died in XLA's CPU compiler
-# (a segmentation fault in backend_compile_and_load, test_solvers_contract); it was not the
-# cause (the run without it died the same way), but it is left off until it is measured to pay
-# on CPU; JAX_COMPILATION_CACHE_DIR set by hand still enables it.
+# XLA's compiler is most of this suite's time (about 70% of the in-process tests' seconds, by
+# jax.monitoring's compile events summed per file): most tests prune a tiny model once, and
+# the programs they compile are compiled again by other tests, after the release above, in the
+# other worker, and in the subprocesses. A persistent compilation cache shared by the workers
+# and the subprocesses (which inherit the environment) turns those into reads: every program
+# of the same computation and shapes runs the same executable, so no answer changes. Kept
+# under .pytest_cache, so a second run on the same machine reuses it (a clean clone starts
+# without one). Every program is cached, however quick to compile (JAX's defaults skip those
+# under a second, nearly all of this suite's).
+COMPILATION_CACHE = ROOT / ".pytest_cache" / "jax-compilation"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if "jax" in sys.modules:  # imported before this file (by a plugin): its config is read already
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# The longest files first: pytest-xdist's loadfile scheduling hands out whole files in
+# collection order, and these are the longest (test_sharding's 8-device subprocess alone is
+# about a third of one worker's time); started last, they ran alone at the end.
+LONGEST_FIRST = ("test_sharding.py", "test_reconstruct.py", "test_streaming.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
 
 
 # Where the engine or a contract is under test, not a method's quality: the optimization

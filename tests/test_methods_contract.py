@@ -1,6 +1,7 @@
 """Contract tests over the method registry: every method, structured included, goes through the
 same checks (exact target, determinism, eager == jit, a target that removes nothing, options
-refused before any model work, the engine on a 2-device mesh)."""
+refused before any model work). Every method on a 2-device mesh: test_sharding, which runs
+the engine on meshes for every method in one subprocess."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import dataclasses
 import json
 import math
 import sys
-import textwrap
 import typing
 
 import jax
@@ -29,7 +29,7 @@ from jprune.options import _hints
 from jprune.plan import resolve
 from jprune.solvers import NM, Unstructured
 
-from conftest import CALIB_TEXT, CHEAP_OPTIONS, ROOT, STORIES260K, run_on_eight_devices
+from conftest import CALIB_TEXT, CHEAP_OPTIONS, ROOT, STORIES260K
 
 # The prototyping example registers its method on import: it gets every check below.
 sys.path.insert(0, str(ROOT / "examples"))
@@ -265,97 +265,6 @@ def test_describe_options_lists_every_field_with_its_default():
         text = method.describe_options()
         for field in dataclasses.fields(method.options):
             assert f"  {field.name} (" in text and "default" in text, (name, field.name)
-
-
-MESH_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import jax
-    import jprune.prune as jp
-    sys.path.insert(0, sys.argv[4])
-    import custom_method  # registers the example's method
-    from jprune.config import PruneConfig
-    from jprune.methods import METHODS
-
-    model_dir, calib, out = sys.argv[1:4]
-    options = json.loads(sys.argv[5])
-    assert jax.device_count() == 8, jax.devices()
-    small = dict(calib=calib, nsamples=8, seqlen=64, evaluate_dense=False)
-
-    def prune(name, label, **settings):
-        target = {"sparsity": 0.25} if METHODS[name].structured else {"sparsity": 0.5}
-        config = PruneConfig.of(model_dir, name, **target, **small, out=f"{out}/{name}-{label}",
-                                method_options=options.get(name, {}), **settings)
-        return jp.prune(config)["layers"]
-
-    records = {}
-    for name in sorted(METHODS):
-        # The reproducible mode: the same program on the same shapes on 1 and 2 devices.
-        prune(name, "one", row_blocks=8)
-        prune(name, "mesh2", row_blocks=8, mesh=2)
-    for name in ("fasp", "spap"):
-        # The default mode: data-parallel Grams on 2 devices, and activations on the host.
-        records[name] = {
-            label: [r["channels"]["after"] for r in prune(name, label, **settings)]
-            for label, settings in (("default", {}), ("default-mesh2", {"mesh": 2}),
-                                    ("offload", {"offload": True}))
-        }
-    print(json.dumps(records))
-    """
-)
-
-
-# The engine on a mesh is under test, not the methods' quality: spap runs its cheapest
-# settings. sparsegpt, optima and fista run test_sharding's settings (their defaults, 8 windows
-# of 64, row_blocks=8), so that with a persistent compilation cache (JAX_COMPILATION_CACHE_DIR
-# set by hand; conftest says why the suite leaves it off) one run loads the other's programs.
-MESH_OPTIONS = {"spap": CHEAP_OPTIONS["spap"]}
-
-
-@pytest.fixture(scope="module")
-def mesh_runs(assets, tmp_path_factory):
-    """One subprocess with 8 virtual CPU devices runs every method on 1 and 2 devices."""
-    root = tmp_path_factory.mktemp("mesh")
-    return root, run_on_eight_devices(
-        root,
-        MESH_SCRIPT,
-        STORIES260K,
-        CALIB_TEXT,
-        root,
-        ROOT / "examples",
-        json.dumps(MESH_OPTIONS),
-    )
-
-
-def _weights(directory):
-    from jprune.converters.hf import read_tensors
-
-    return read_tensors(directory)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_every_method_on_a_2_device_mesh_gives_one_device_weights(mesh_runs, name):
-    root, _ = mesh_runs
-    one, two = _weights(root / f"{name}-one"), _weights(root / f"{name}-mesh2")
-    assert one.keys() == two.keys()
-    for key in one:
-        np.testing.assert_array_equal(one[key], two[key], key)
-
-
-@pytest.mark.parametrize("name", ["fasp", "spap"])
-def test_structured_on_a_mesh_and_offloaded_gets_the_single_device_result(mesh_runs, name):
-    root, records = mesh_runs
-    channels = records[name]
-    assert channels["default-mesh2"] == channels["default"] == channels["offload"]
-    single, offload = _weights(root / f"{name}-default"), _weights(root / f"{name}-offload")
-    mesh = _weights(root / f"{name}-default-mesh2")
-    # Offloading moves activations, not arithmetic: bit for bit. The mesh's data-parallel Gram
-    # sums round differently (README, scaling out): the same channels, weights within 1e-4 of
-    # each matrix's largest entry (the reproducible mode above is bit-exact).
-    for key in single:
-        np.testing.assert_array_equal(offload[key], single[key], key)
-        scale = max(float(np.abs(single[key]).max()), 1e-30)
-        np.testing.assert_allclose(mesh[key], single[key], rtol=0, atol=1e-4 * scale)
 
 
 def test_the_example_method_runs_through_the_command_line(tmp_path, capsys):

@@ -16,17 +16,25 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from jprune.converters.hf import read_tensors
+from jprune.methods import METHODS
 from jprune.sharding import make_mesh, pad_rows
 from jprune.walk import canonical_gram
 
 from conftest import (
     CALIB_TEXT,
+    CHEAP_OPTIONS,
+    ROOT,
     STORIES260K,
     assert_exact_pattern,
     decoder_linears,
     prune_with,
     run_on_eight_devices,
 )
+
+# The prototyping example registers its method on import: it gets the mesh checks too.
+sys.path.insert(0, str(ROOT / "examples"))
+import custom_method  # noqa: E402, F401
 
 SCRIPT = textwrap.dedent(
     """
@@ -35,19 +43,28 @@ SCRIPT = textwrap.dedent(
     from flax import nnx
     import jprune.prune as jp
     from jprune.config import PruneConfig
-    def prune_with(model, method, **settings):
-        return jp.prune(PruneConfig.of(model, method, **settings))
     from jprune.converters.hf import load_model
     from jprune.data import calibration_windows, load_tokenizer, read_text, tokenize
     from jprune.mesh_solve import Devices, solve_layer
     from jprune.walk import accumulate_grams
-    from jprune.methods import LayerProblem, get_method
+    from jprune.methods import METHODS, LayerProblem, get_method
     from jprune.sharding import make_mesh
     from jprune.solvers import Unstructured
 
-    model_dir, calib, methods, out = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
-    meshes = [int(m) for m in sys.argv[5:]]
+    model_dir, calib, out, examples = sys.argv[1:5]
+    options, sharded = json.loads(sys.argv[5]), sys.argv[6].split(",")
+    meshes = [int(m) for m in sys.argv[7:]]
     assert jax.device_count() == 8, jax.devices()
+    sys.path.insert(0, examples)
+    import custom_method  # registers the example's method: it gets the mesh checks too
+    small = dict(calib=calib, nsamples=8, seqlen=64, evaluate_dense=False)
+
+    def prune(name, label, **settings):
+        target = {"sparsity": 0.25} if METHODS[name].structured else {"sparsity": 0.5}
+        directory = None if label is None else f"{out}/{name}-{label}"
+        config = PruneConfig.of(model_dir, name, **target, **small, out=directory,
+                                method_options=options.get(name, {}), **settings)
+        return jp.prune(config)
 
     def layer_check(method, problem):
         answers = {
@@ -63,6 +80,7 @@ SCRIPT = textwrap.dedent(
             for m, a in answers.items()
         }
 
+    results = {"layer": {}, "model": {}, "default": {}, "channels": {}}
     # 1. Real layer problems, identical Grams on every mesh: row sharding must not change the
     #    answer beyond float32 round-off. gate has 172 rows (2 devices split them, 8 need them
     #    padded to 176), down 172 inputs; q (64 rows) splits like gate on 2 devices.
@@ -71,51 +89,57 @@ SCRIPT = textwrap.dedent(
     x = model.embed_tokens(jnp.asarray(ids))
     graphdef, state = nnx.split(model.layers[0])
     grams = accumulate_grams(graphdef, ["mlp_in", "down_in"], state, state, x, None, 8)
-    results = {}
-    for method in methods:
-        result = results[method] = {"layer": {}, "model": {}}
-        for role, tap in (("gate", "mlp_in"), ("down", "down_in")):
-            problem = LayerProblem(state[role]["weight"][...], grams[tap]["gram"], None, ids.size, role)
-            result["layer"][role] = layer_check(method, problem)
-        # 2. The whole model, calibration batches split across devices too, in the reproducible
-        #    mode (row_blocks=8), and once on one device in the default mode for comparison.
-        for m in meshes:
-            report = prune_with(
-                model_dir, method, sparsity=0.5, calib=calib, nsamples=8, seqlen=64, mesh=m,
-                out=f"{out}/{method}-mesh{m}", row_blocks=8, evaluate_dense=False,
+    for method in sharded:
+        results["layer"][method] = {
+            role: layer_check(
+                method,
+                LayerProblem(state[role]["weight"][...], grams[tap]["gram"], None, ids.size, role),
             )
+            for role, tap in (("gate", "mlp_in"), ("down", "down_in"))
+        }
+    # 2. The whole model, calibration batches split across devices too, in the reproducible
+    #    mode (row_blocks=8): every registered method on 1 and 2 devices, the sharded methods
+    #    on every mesh and once on one device in the default mode for comparison.
+    for name in sorted(METHODS):
+        errors = results["model"][name] = {}
+        for m in meshes if name in sharded else meshes[:2]:
+            report = prune(name, f"mesh{m}", row_blocks=8, mesh=m)
             assert report["machine"]["mesh_devices"] == m
-            result["model"][m] = report["summary"]["relative_error_sum"]
-        report = prune_with(
-            model_dir, method, sparsity=0.5, calib=calib, nsamples=8, seqlen=64,
-            evaluate_dense=False,
-        )
-        result["default"] = report["summary"]["relative_error_sum"]
-    # 3. A per-layer budget couples the rows: the reproducible mode replicates such layers.
+            errors[m] = report["summary"]["relative_error_sum"]
+        if name in sharded:
+            results["default"][name] = prune(name, None)["summary"]["relative_error_sum"]
+    # 3. The default mode of the structured methods: data-parallel Grams on 2 devices, and
+    #    activations on the host.
+    for name in ("fasp", "spap"):
+        results["channels"][name] = {
+            label: [r["channels"]["after"] for r in prune(name, label, **settings)["layers"]]
+            for label, settings in (("default", {}), ("default-mesh2", {"mesh": 2}),
+                                    ("offload", {"offload": True}))
+        }
+    # 4. A per-layer budget couples the rows: the reproducible mode replicates such layers.
     for m in (1, 8):
-        prune_with(
-            model_dir, "fista", sparsity=0.5, scope="matrix", calib=calib, nsamples=8, seqlen=64,
-            mesh=m, out=f"{out}/fista-matrix-mesh{m}", row_blocks=8, evaluate_dense=False,
-        )
-    # 4. Row blocks the mesh does not divide are refused before anything is written.
+        prune("fista", f"matrix-mesh{m}", scope="matrix", mesh=m, row_blocks=8)
+    # 5. Row blocks the mesh does not divide are refused before anything is written.
     try:
-        prune_with(model_dir, "magnitude", sparsity=0.5, calib=calib, nsamples=8, seqlen=64,
-                 mesh=8, row_blocks=4, out=f"{out}/refused")
+        prune("magnitude", "refused", mesh=8, row_blocks=4)
         raise AssertionError("row_blocks=4 on 8 devices was accepted")
     except jp.JpruneError as err:
         results["refused"] = str(err)
     print(json.dumps(results))
     """
 )
-METHODS = ("sparsegpt", "optima", "fista")
+SHARDED = ("sparsegpt", "optima", "fista")
 # 2 devices split the rows evenly and 8 pad them; in the reproducible mode they take the 8 row
 # blocks 2 and 8 at a time, and 8 devices hold one window each. A 4-device mesh adds no case of
 # its own (the two-process test below spans one), only another compilation of every program.
-# test_methods_contract's mesh runs use these settings (8 windows of 64, row_blocks=8, default
-# options) for these methods, so that with a persistent compilation cache (set by hand) one of
-# the two loads the other's programs.
+# Every other registered method runs on 1 and 2 devices: one subprocess serves both checks, so
+# the sharded methods' 1- and 2-device runs are not made twice.
 MESHES = ("1", "2", "8")
 LAYER_WEIGHTS = 172 * 64  # stories260K's gate and down
+ALL = sorted(METHODS)
+# The engine on a mesh is under test, not the methods' quality: spap runs its cheapest settings;
+# the others their defaults.
+MESH_OPTIONS = {"spap": CHEAP_OPTIONS["spap"]}
 
 
 def test_make_mesh_and_padding():
@@ -136,23 +160,23 @@ def test_canonical_gram_is_the_gram_summed_in_a_fixed_tree():
 
 @pytest.fixture(scope="module")
 def sharded_runs(assets, tmp_path_factory):
-    """One subprocess with 8 virtual devices prunes with every method on every mesh."""
+    """One subprocess with 8 virtual devices prunes with every method on its meshes."""
     root = tmp_path_factory.mktemp("sharded")
     results = run_on_eight_devices(
-        root, SCRIPT, STORIES260K, CALIB_TEXT, ",".join(METHODS), root, *MESHES
-    )
+        root, SCRIPT, STORIES260K, CALIB_TEXT, root, ROOT / "examples",
+        json.dumps(MESH_OPTIONS), ",".join(SHARDED), *MESHES,
+    )  # fmt: skip
     return root, results
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", SHARDED)
 def test_sharded_pruning_matches_one_device(sharded_runs, method):
     """1-, 2-, 4- and 8-device meshes give one device's weights: up to float32 round-off for
     one layer in the default mode, bit for bit for the whole model in the reproducible mode."""
     root, results = sharded_runs
-    result = results[method]
     # the same layer problem on every mesh: the same mask, and weights equal up to round-off
     # as the iterative solvers amplify it (they stop at a relative tolerance of ~1e-5)
-    for role, per_mesh in result["layer"].items():
+    for role, per_mesh in results["layer"][method].items():
         for mesh, (relative_diff, mask_flips) in per_mesh.items():
             if method == "fista":
                 # Issue 31: fista's lambda search turns the row-sharded GEMMs' round-off into a
@@ -171,9 +195,9 @@ def test_sharded_pruning_matches_one_device(sharded_runs, method):
         other = _decoder_weights(root / f"{method}-mesh{mesh}")
         unequal = {name: int((t != other[name]).sum()) for name, t in base.items()}
         assert sum(unequal.values()) == 0, (mesh, unequal)
-        assert result["model"][mesh] == result["model"]["1"]
+        assert results["model"][method][mesh] == results["model"][method]["1"]
     # and the row blocks cost nothing in quality against the default one-device run
-    assert result["model"]["1"] == pytest.approx(result["default"], rel=0.02)
+    assert results["model"][method]["1"] == pytest.approx(results["default"][method], rel=0.02)
 
 
 def _decoder_weights(path):
@@ -193,7 +217,7 @@ def test_reproducible_mode_with_a_per_layer_budget(sharded_runs):
 def test_row_blocks_the_mesh_does_not_divide_are_refused(sharded_runs):
     root, results = sharded_runs
     assert "does not split over the 8-device mesh" in results["refused"]
-    assert not (root / "refused").exists()
+    assert not (root / "magnitude-refused").exists()
 
 
 def test_bfloat16_weights_keep_float32_grams(assets, tmp_path):
@@ -264,11 +288,38 @@ def test_two_processes_prune_like_one_device(sharded_runs, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["machine"]["processes"] == 2 and report["machine"]["mesh_devices"] == 4
     root, results = sharded_runs
-    assert report["summary"]["relative_error_sum"] == results["fista"]["model"]["1"]
+    assert report["summary"]["relative_error_sum"] == results["model"]["fista"]["1"]
     spread = dict(decoder_linears(assert_exact_pattern(out, sparsity=0.5)))
     one = dict(decoder_linears(assert_exact_pattern(root / "fista-mesh1", sparsity=0.5)))
     unequal = {n: int((one[n] != spread[n]).sum()) for n in one}
     assert sum(unequal.values()) == 0, unequal
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_on_a_2_device_mesh_gives_one_device_weights(sharded_runs, name):
+    """The registry's contract on a mesh: in the reproducible mode, 2 devices give one
+    device's checkpoint byte for byte, structured methods included."""
+    root, _ = sharded_runs
+    one, two = read_tensors(root / f"{name}-mesh1"), read_tensors(root / f"{name}-mesh2")
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_array_equal(one[key], two[key], key)
+
+
+@pytest.mark.parametrize("name", ["fasp", "spap"])
+def test_structured_on_a_mesh_and_offloaded_gets_the_single_device_result(sharded_runs, name):
+    root, results = sharded_runs
+    channels = results["channels"][name]
+    assert channels["default-mesh2"] == channels["default"] == channels["offload"]
+    single, offload = read_tensors(root / f"{name}-default"), read_tensors(root / f"{name}-offload")
+    mesh = read_tensors(root / f"{name}-default-mesh2")
+    # Offloading moves activations, not arithmetic: bit for bit. The mesh's data-parallel Gram
+    # sums round differently (README, scaling out): the same channels, weights within 1e-4 of
+    # each matrix's largest entry (the reproducible mode above is bit-exact).
+    for key in single:
+        np.testing.assert_array_equal(offload[key], single[key], key)
+        scale = max(float(np.abs(single[key]).max()), 1e-30)
+        np.testing.assert_allclose(mesh[key], single[key], rtol=0, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])

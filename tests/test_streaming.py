@@ -1,5 +1,6 @@
-"""Out-of-core pruning: memory bounded by one block whatever the depth, and resuming a killed
-run bit-identically (issue 13). Every run here is a real ``jprune prune`` process."""
+"""Out-of-core pruning: memory bounded by one block whatever the depth; resuming a killed or
+signalled run bit-identically; one run at a time on an output. Every run here is a real
+``jprune prune`` (a subprocess where it must die or be signalled, in-process otherwise)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 
 from jprune.cli import main
 from jprune.converters.hf import read_tensors
-from jprune.staging import MANIFEST, PROGRESS, staging_path
+from jprune.staging import MANIFEST, PROGRESS, lock_path, staging_path
 
 from conftest import CALIB_TEXT, CHEAP_OPTIONS, STORIES260K, decoder_linears
 
@@ -85,7 +86,7 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     under a large pytest process it reports that process's size.)"""
     reports, sizes = {}, {}
     # Both runs compile: loading the deeper run's programs from a compilation cache (one set by
-    # hand in JAX_COMPILATION_CACHE_DIR) would spare it the compiler's own peak, and that could
+    # conftest in JAX_COMPILATION_CACHE_DIR) would spare it the compiler's own peak, and that could
     # hide a model held whole.
     uncached = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     for layers in (4, 16):
@@ -132,24 +133,49 @@ RESUME_SETTINGS = (
 )  # fmt: skip
 
 
-def _kill_after_blocks(command, staging: Path, blocks: int) -> int:
-    """Start ``command`` and SIGKILL it once its journal records ``blocks`` finished blocks."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = staging / PROGRESS
+def _blocks_done(staging: Path) -> int:
+    try:
+        return json.loads((staging / PROGRESS).read_text()).get("blocks_done", 0)
+    except (OSError, json.JSONDecodeError):
+        return 0
+
+
+def _wait_for_blocks(process, staging: Path, blocks: int) -> int:
+    """Wait until the journal of ``process``'s run records ``blocks`` finished blocks."""
     deadline = time.monotonic() + 300
     done = 0
     while time.monotonic() < deadline and process.poll() is None:
-        try:
-            done = json.loads(progress.read_text()).get("blocks_done", 0)
-        except (OSError, json.JSONDecodeError):
-            done = 0
+        done = _blocks_done(staging)
         if done >= blocks:
             break
         time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed"
+    assert process.poll() is None, "the run ended before it could be stopped"
+    return done
+
+
+def _kill_after_blocks(command, staging: Path, blocks: int) -> int:
+    """Start ``command`` and SIGKILL it once its journal records ``blocks`` finished blocks."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = _wait_for_blocks(process, staging, blocks)
     process.send_signal(signal.SIGKILL)
     process.wait()
     return done
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(deep_tiny, tmp_path_factory) -> Path:
+    """deep_tiny pruned with RESUME_SETTINGS in one go: what every stopped run must resume to."""
+    whole = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    assert main(_prune_command(deep_tiny, whole, *RESUME_SETTINGS)[3:]) == 0
+    return whole
+
+
+def _assert_same_tensors(expected_dir: Path, found_dir: Path) -> None:
+    expected, found = read_tensors(expected_dir), read_tensors(found_dir)
+    assert expected.keys() == found.keys()
+    for name, tensor in expected.items():
+        assert tensor.dtype == found[name].dtype
+        assert np.array_equal(tensor.view(np.uint32), found[name].view(np.uint32)), name
 
 
 def _cli(capsys, command) -> tuple[int, str]:
@@ -166,7 +192,7 @@ def _with(settings, flag, value):
     return [*settings, flag, value]
 
 
-def test_a_killed_run_resumes_bit_identically(deep_tiny, tmp_path, capsys):
+def test_a_killed_run_resumes_bit_identically(deep_tiny, uninterrupted, tmp_path, capsys):
     model, calib = tmp_path / "model", tmp_path / "calib.txt"
     shutil.copytree(deep_tiny, model)
     shutil.copy2(CALIB_TEXT, calib)
@@ -174,8 +200,7 @@ def test_a_killed_run_resumes_bit_identically(deep_tiny, tmp_path, capsys):
     def command(out, *settings):
         return [*_prune_command(model, out, *settings), "--calib", str(calib)]
 
-    whole = tmp_path / "whole"
-    assert _cli(capsys, command(whole, *RESUME_SETTINGS))[0] == 0
+    whole = uninterrupted  # the same model and text, from their originals
     out = tmp_path / "resumed"
     staging = staging_path(out)
     killed_at = _kill_after_blocks(command(out, *RESUME_SETTINGS), staging, 3)
@@ -215,11 +240,7 @@ def test_a_killed_run_resumes_bit_identically(deep_tiny, tmp_path, capsys):
     assert report["resumed_from_block"] == killed_at
     assert len(report["layers"]) == 8 * 7
     assert not any(p.name.startswith(("jprune-", "streams-")) for p in out.iterdir())
-    expected, found = read_tensors(whole), read_tensors(out)
-    assert expected.keys() == found.keys()
-    for name, tensor in expected.items():
-        assert tensor.dtype == found[name].dtype
-        assert np.array_equal(tensor.view(np.uint32), found[name].view(np.uint32)), name
+    _assert_same_tensors(whole, out)
     whole_report = json.loads((whole / "report.json").read_text())
     for ours, theirs in zip(report["layers"], whole_report["layers"], strict=True):
         assert ours["relative_error"] == theirs["relative_error"], ours["name"]
@@ -233,6 +254,69 @@ def test_a_killed_run_resumes_bit_identically(deep_tiny, tmp_path, capsys):
     assert _cli(capsys, command(other, *RESUME_SETTINGS, "--force"))[0] == 0
     assert not staging_path(other).exists()
     assert json.loads((other / "report.json").read_text())["resumed_from_block"] is None
+
+
+def test_sigterm_stops_at_a_block_boundary_and_resume_completes(
+    deep_tiny, uninterrupted, tmp_path, capsys
+):
+    """SIGTERM in the middle of a run: the block in progress is finished and journaled, the run
+    says how to resume in one line and exits 143 (128 + 15, as a shell reports a process the
+    signal ended); nothing is at --out, the lock is gone, and --resume writes the uninterrupted
+    run's bytes."""
+    out = tmp_path / "out"
+    staging = staging_path(out)
+    command = _prune_command(deep_tiny, out, *RESUME_SETTINGS)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    signalled_at = _wait_for_blocks(process, staging, 2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err
+    done = _blocks_done(staging)
+    assert signalled_at <= done < 8
+    notice, stopped = err.strip().splitlines()[-2:]
+    assert notice.startswith("jprune: SIGTERM received: stopping at the end of this block")
+    assert stopped == (
+        f"jprune: stopped by SIGTERM after block {done} of 8; {done} of 8 blocks are kept in "
+        f"{str(staging)!r}: the same command with --resume continues the run"
+    ), stopped
+    assert not out.exists() and not lock_path(out).exists()
+    assert (staging / MANIFEST).is_file()
+    assert _cli(capsys, [*command, "--resume"])[0] == 0
+    assert json.loads((out / "report.json").read_text())["resumed_from_block"] == done
+    _assert_same_tensors(uninterrupted, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_second_run_on_a_live_runs_output_is_refused_force_or_not(
+    deep_tiny, uninterrupted, tmp_path, capsys
+):
+    """The first run holds the output's lock: a second is refused in one line naming the
+    first's process, before it changes anything (with --force too, which would otherwise
+    discard the first's staging directory); the first finishes undisturbed. A lock file left
+    by a process that no longer runs is stale and taken over."""
+    out = tmp_path / "out"
+    command = _prune_command(deep_tiny, out, *RESUME_SETTINGS)
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_blocks(first, staging_path(out), 1)  # the lock is held from before the staging
+    for extra in ((), ("--force",), ("--resume",)):
+        code, err = _cli(capsys, [*command, *extra])
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert err == (
+            f"jprune: error: another jprune run (process {first.pid}) is writing "
+            f"{str(out)!r}: wait for it to finish (--force does not stop a live run)"
+        ), err
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    _assert_same_tensors(uninterrupted, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    stale = tmp_path / "stale"
+    lock_path(stale).write_text("4194304\n")  # above Linux's largest process id: no such run
+    cheap = ("--method", "magnitude", "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "32")
+    assert _cli(capsys, _prune_command(deep_tiny, stale, *cheap))[0] == 0
+    assert (stale / "report.json").is_file() and not lock_path(stale).exists()
 
 
 def test_a_killed_run_with_block_reconstruction_resumes_bit_identically(
