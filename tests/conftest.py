@@ -39,17 +39,22 @@ def _release_compiled_programs():
 # of the same computation and shapes runs the same executable, so no answer changes. Kept
 # under .pytest_cache, so a second run on the same machine reuses it (a clean clone starts
 # without one). Every program is cached, however quick to compile (JAX's defaults skip those
-# under a second, nearly all of this suite's).
+# under a second, nearly all of this suite's). One run writes about 60 MB; the oldest entries
+# go past 512 MiB, so edits that change programs do not grow it without end.
 COMPILATION_CACHE = ROOT / ".pytest_cache" / "jax-compilation"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+CACHE_SETTINGS = {
+    "jax_compilation_cache_dir": str(COMPILATION_CACHE),
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+    "jax_compilation_cache_max_size": 512 * 2**20,
+}
+for _name, _value in CACHE_SETTINGS.items():
+    os.environ.setdefault(_name.upper(), str(_value))
 if "jax" in sys.modules:  # imported before this file (by a plugin): its config is read already
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for _name in CACHE_SETTINGS:
+        jax.config.update(_name, type(CACHE_SETTINGS[_name])(os.environ[_name.upper()]))
 
 # The longest files first: pytest-xdist's loadfile scheduling hands out whole files in
 # collection order, and these are the longest (test_sharding's 8-device subprocess alone is

@@ -270,7 +270,12 @@ def test_sigterm_stops_at_a_block_boundary_and_resume_completes(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     signalled_at = _wait_for_blocks(process, staging, 2)
+    # Stopped first, so the signal is there before the last block ends however fast the blocks
+    # go (a warm compilation cache makes the whole run take about a second); delivered on
+    # SIGCONT, it reaches the run in the middle of a block.
+    process.send_signal(signal.SIGSTOP)
     process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 143, err
     done = _blocks_done(staging)
@@ -300,13 +305,17 @@ def test_a_second_run_on_a_live_runs_output_is_refused_force_or_not(
     command = _prune_command(deep_tiny, out, *RESUME_SETTINGS)
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for_blocks(first, staging_path(out), 1)  # the lock is held from before the staging
-    for extra in ((), ("--force",), ("--resume",)):
-        code, err = _cli(capsys, [*command, *extra])
-        assert code == 2 and len(err.splitlines()) == 1, err
-        assert err == (
-            f"jprune: error: another jprune run (process {first.pid}) is writing "
-            f"{str(out)!r}: wait for it to finish (--force does not stop a live run)"
-        ), err
+    first.send_signal(signal.SIGSTOP)  # alive and holding the lock, however fast its blocks go
+    try:
+        for extra in ((), ("--force",), ("--resume",)):
+            code, err = _cli(capsys, [*command, *extra])
+            assert code == 2 and len(err.splitlines()) == 1, err
+            assert err == (
+                f"jprune: error: another jprune run (process {first.pid}) is writing "
+                f"{str(out)!r}: wait for it to finish (--force does not stop a live run)"
+            ), err
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     _assert_same_tensors(uninterrupted, out)
