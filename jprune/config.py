@@ -360,12 +360,14 @@ class OutputConfig:
     )
     force: bool = option(
         False,
-        "replace --out if it exists, and discard an interrupted run's staging directory",
+        "replace --out if it exists, and discard an interrupted run's staging directory "
+        "(never a live run's: while a run holds --out's lock, .OUT.lock, a second is refused)",
     )
     resume: bool = option(
         False,
         "continue an interrupted run from the last block finished in --out's staging "
-        "directory (.OUT.partial); refused if the model, calibration or settings differ",
+        "directory (.OUT.partial); refused if the model, calibration or settings differ. "
+        "SIGINT and SIGTERM stop a run at the end of its current block, ready for this",
     )
 
 
