@@ -19,7 +19,7 @@ the depth of the model.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +37,8 @@ class BlockState(NamedTuple):
     streams: dict[str, list[np.ndarray]]  # "x" / "x_dense" -> calibration batches (host)
     records: list[dict[str, Any]]
     shapes: dict[str, list[int]]  # canonical parameter name -> shape, of finished blocks
-    reconstruction: list[dict[str, Any]] = []  # the stage's record of each finished block
+    # the stage's record of each finished block (a tuple: a NamedTuple default is shared)
+    reconstruction: Sequence[dict[str, Any]] = ()
 
 
 def block_arrays(block: Block, index: int) -> dict[str, np.ndarray]:
