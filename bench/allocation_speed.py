@@ -27,6 +27,7 @@ import argparse
 import datetime
 import json
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoints kept at DIR/<method>-<allocation> (an output or a staging directory)",
     )
     args = parser.parse_args(argv)
-    args.argv = argv if argv is not None else __import__("sys").argv[1:]
+    args.argv = argv if argv is not None else sys.argv[1:]
     if args.recompare and not args.compare:
         parser.error("--recompare needs --compare (the other code's checkpoints)")
     if args.recompare:

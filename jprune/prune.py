@@ -42,7 +42,7 @@ from jprune.reconstruct import Objective, Reconstruction, relative_output_error
 from jprune.records import summarize
 from jprune.sharding import make_mesh, mesh_size
 from jprune.solvers import NM
-from jprune.staging import RunLock, Staging, fingerprint
+from jprune.staging import Staging, fingerprint
 from jprune.stop import Interrupted, Signals
 
 ProgressFn = Callable[[str, int, int], None]
@@ -214,17 +214,9 @@ def _open_staging(run: Plan, writer: bool) -> Staging:
         path = Path(tempfile.mkdtemp(prefix="jprune-run-")) if writer else None
         return Staging(path, writer=writer, journal=False)
     identity = fingerprint(run.config.to_dict())
-    lock = RunLock(output.out).acquire() if writer else None
-    try:
-        staging = Staging.open(
-            output.out, identity, resume=output.resume, force=output.force, writer=writer
-        )
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    staging.lock = lock
-    return staging
+    return Staging.open(
+        output.out, identity, resume=output.resume, force=output.force, writer=writer
+    )
 
 
 def _write_checkpoint(staging: Staging, checkpoint: Checkpoint, outcome, source: str) -> None:
@@ -279,37 +271,25 @@ def _prune(run: Plan, progress: ProgressFn | None, objective: Objective) -> dict
                 baseline,
                 stop,
             )
-    except Interrupted as stopped:
-        done = staging.progress().get("blocks_done", 0) if staging.journal else 0
-        if done:
-            hint = (
-                f"{done} of {checkpoint.spec.num_layers} blocks are kept in "
-                f"{str(staging.path)!r}: the same command with --resume continues the run"
-            )
-        else:
+    except BaseException as failure:
+        done = staging.progress().get("blocks_done", 0) if writer and staging.journal else 0
+        if writer and not done:  # a failure before any block finished leaves nothing to resume
             shutil.rmtree(staging.path, ignore_errors=True)
-            hint = "nothing to resume" + ("" if staging.journal else " (the run has no --out)")
-        raise Interrupted(stopped.signum, f"{stopped.where}; {hint}") from None
-    except WriteError as err:
-        done = staging.progress().get("blocks_done", 0) if staging.journal else 0
-        if not done:
-            shutil.rmtree(staging.path, ignore_errors=True)
-            raise
-        raise WriteError(
-            f"{err}; {done} of {checkpoint.spec.num_layers} blocks are kept in "
-            f"{str(staging.path)!r}: the same command with --resume continues once the cause "
-            "is fixed"
-        ) from None
-    except BaseException:
-        # A failure before any block finished leaves nothing worth resuming.
-        if writer and staging.journal and not staging.progress().get("blocks_done"):
-            shutil.rmtree(staging.path, ignore_errors=True)
+        kept = (
+            f"{done} of {checkpoint.spec.num_layers} blocks are kept in {str(staging.path)!r}: "
+            "the same command with --resume continues"
+        )
+        if isinstance(failure, Interrupted):
+            hint = f"{kept} the run" if done else "nothing to resume"
+            hint += "" if done or staging.journal else " (the run has no --out)"
+            raise Interrupted(failure.signum, f"{failure.where}; {hint}") from None
+        if isinstance(failure, WriteError) and done:
+            raise WriteError(f"{failure}; {kept} once the cause is fixed") from None
         raise
     finally:
         if config.output.out is None and writer:
             shutil.rmtree(staging.path, ignore_errors=True)
-        if staging.lock is not None:
-            staging.lock.release()
+        staging.close()
 
 
 def _dense_evaluations(run: Plan, checkpoint, staging: Staging, texts, progress):

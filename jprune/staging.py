@@ -208,9 +208,28 @@ class Staging:
         force: bool,
         writer: bool = True,
     ) -> Staging:
-        """Check ``out`` and its staging directory (changing nothing); ``create`` then starts
-        it, unless this run resumes it."""
-        out = Path(out)
+        """Lock ``out`` (the writing process) and check it and its staging directory, changing
+        nothing else; ``create`` then starts it, unless this run resumes it, and ``close``
+        releases the lock once the run is over."""
+        lock = RunLock(out).acquire() if writer else None
+        try:
+            staging = cls._checked(Path(out), identity, resume=resume, force=force, writer=writer)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        staging.lock = lock
+        return staging
+
+    def close(self) -> None:
+        """Release the output's lock (the run is over, committed or not)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    @classmethod
+    def _checked(
+        cls, out: Path, identity: Mapping[str, Any], *, resume: bool, force: bool, writer: bool
+    ) -> Staging:
         path = staging_path(out)
         if out.exists() and not force:
             raise JpruneError(f"output {str(out)!r} already exists (use --force to replace it)")

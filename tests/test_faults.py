@@ -27,10 +27,10 @@ def _damaged_copy(directory, name: str, change) -> None:
     save_file(tensors, weights, metadata={"format": "pt"})
 
 
-def _prune(capsys, model, out, method="wanda"):
-    argv = ["prune", "--model", str(model), "--method", method, "--sparsity", "0.5"]
+def _prune(capsys, model, out, *extra):
+    argv = ["prune", "--model", str(model), "--method", "wanda", "--sparsity", "0.5"]
     argv += ["--calib", str(CALIB_TEXT), "--nsamples", "2", "--seqlen", "32", "--quiet"]
-    code = main([*argv, "--out", str(out)])
+    code = main([*argv, "--out", str(out), *extra])
     return code, capsys.readouterr().err.strip()
 
 
@@ -116,9 +116,7 @@ def test_a_write_error_is_one_line_and_resume_completes_once_it_is_gone(
     assert json.loads((staging_path(out) / PROGRESS).read_text())["blocks_done"] == 2
 
     monkeypatch.setattr(hf, "save_file", save_file_as_written)
-    argv = ["prune", "--model", str(STORIES260K), "--method", "wanda", "--sparsity", "0.5"]
-    argv += ["--calib", str(CALIB_TEXT), "--nsamples", "2", "--seqlen", "32", "--quiet"]
-    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    assert _prune(capsys, STORIES260K, out, "--resume")[0] == 0
     assert json.loads((out / "report.json").read_text())["resumed_from_block"] == 2
     expected, found = read_tensors(whole), read_tensors(out)
     assert expected.keys() == found.keys()
