@@ -81,12 +81,12 @@ def build_tasks(folder: Path, count: int, seed: int) -> None:
 
 def ours(path: str, spec, batch_size: int) -> tuple[dict, float]:
     from jprune.converters.hf import load_model
-    from jprune.data import load_tokenizer
+    from jprune.data import load_hf_tokenizer
     from jprune.zeroshot import check_tasks, evaluate_tasks
 
     model, _ = load_model(path)
     result = evaluate_tasks(
-        model, load_tokenizer(path), spec, batch_size=batch_size, manager=check_tasks(spec)
+        model, load_hf_tokenizer(path), spec, batch_size=batch_size, manager=check_tasks(spec)
     )
     return result.results, result.seconds
 

@@ -33,7 +33,14 @@ from jprune.converters.hf import (
     hf_name_map,
     write_metadata,
 )
-from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
+from jprune.data import (
+    calibration_windows,
+    eval_windows,
+    load_hf_tokenizer,
+    load_tokenizer,
+    read_text,
+    tokenize,
+)
 from jprune.engine import EngineOptions, prune_model
 from jprune.errors import JpruneError, WriteError, writing
 from jprune.evaluate import evaluation_bytes, perplexity
@@ -165,7 +172,11 @@ def _zero_shot(path, run: Plan, manager, label, progress):
         progress(f"zero-shot {label}", 0, 1)
     model, _ = load_model(path, run.config.model.dtype)
     result = evaluate_tasks(
-        model, load_tokenizer(path), spec, batch_size=run.config.engine.batch_size, manager=manager
+        model,
+        load_hf_tokenizer(path),
+        spec,
+        batch_size=run.config.engine.batch_size,
+        manager=manager,
     )
     return result.as_dict()
 

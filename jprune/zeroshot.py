@@ -370,7 +370,8 @@ def _lm_class():
 
 
 def language_model(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
-    """An lm-eval ``LM`` scoring with ``model`` (a loaded ``CausalLM``)."""
+    """An lm-eval ``LM`` scoring with ``model`` (a loaded ``CausalLM``); ``tokenizer``: a
+    transformers tokenizer (``data.load_hf_tokenizer``), whose API lm-eval uses."""
     return _lm_class()(model, tokenizer, batch_size=batch_size, max_length=max_length)
 
 
@@ -429,7 +430,8 @@ def evaluate_tasks(
     model, tokenizer, spec: TaskSpec, *, batch_size: int = 8, manager=None
 ) -> ZeroShot:
     """Run ``spec``'s tasks through lm-eval's ``simple_evaluate`` with ``model`` (a loaded
-    ``CausalLM``); ``manager``: a ``TaskManager`` from ``check_tasks``."""
+    ``CausalLM``) and ``tokenizer`` (``data.load_hf_tokenizer``); ``manager``: a ``TaskManager``
+    from ``check_tasks``."""
     manager = manager or check_tasks(spec)
     from lm_eval.evaluator import simple_evaluate
 
@@ -456,10 +458,10 @@ def evaluate_checkpoint(
     """``evaluate_tasks`` on an HF checkpoint directory, loaded whole (not block by block:
     lm-eval sends requests one batch at a time, each through the whole model)."""
     from jprune.converters.hf import load_model
-    from jprune.data import load_tokenizer
+    from jprune.data import load_hf_tokenizer
 
     manager = check_tasks(spec)  # unknown tasks and missing datasets before the model
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_hf_tokenizer(path)
     model, _ = load_model(path, dtype=dtype)
     return evaluate_tasks(model, tokenizer, spec, batch_size=batch_size, manager=manager)
 

@@ -79,11 +79,11 @@ def hf_lm(assets):
 @pytest.fixture(scope="module")
 def ours(assets):
     from jprune.converters.hf import load_model
-    from jprune.data import load_tokenizer
+    from jprune.data import load_hf_tokenizer
     from jprune.zeroshot import language_model
 
     model, _ = load_model(STORIES260K)
-    return language_model(model, load_tokenizer(STORIES260K), batch_size=8)
+    return language_model(model, load_hf_tokenizer(STORIES260K), batch_size=8)
 
 
 def _instances(tasks):
