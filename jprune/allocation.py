@@ -329,9 +329,7 @@ def measure(
         if progress is not None:
             progress(f"allocation: block {index}", index, spec.num_layers)
         params = weights.arrays
-        stats = walk.statistics(
-            weights, weights, wanted, x, None, reproducible=options.row_blocks > 0
-        )
+        stats = walk.statistics(weights, weights, wanted, x, None)
         x_next = walk.outputs(weights, x)
         shares = (1.0, 1.0)
         if settings.method == "optimal" and settings.weight == "residual":

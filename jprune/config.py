@@ -185,10 +185,11 @@ class EngineConfig:
     )
     row_blocks: int = option(
         0,
-        "reproducible mode: sum the Grams window by window in a fixed order and solve each "
-        "layer as N equal row blocks, so the pruned weights are bit-identical on every --mesh "
-        "whose size divides N (e.g. 8 for 1, 2, 4 or 8 devices); slower, most on one device; "
-        "structured methods get the fixed-order Grams and solve each layer whole; 0: off",
+        "reproducible mode: run the blocks one window at a time, sum the Grams window by "
+        "window in order and solve each layer as N equal row blocks, so the pruned weights "
+        "are bit-identical on every --mesh whose size divides N (e.g. 8 for 1, 2, 4 or 8 "
+        "devices) and for every --batch-size, on the same machine and backend; slower; "
+        "structured methods get the ordered Grams and solve each layer whole; 0: off",
         low=0,
         flag=Flag(metavar="N"),
     )

@@ -70,9 +70,10 @@ class EngineOptions:
     batch_size: int = 8  # calibration windows per forward pass
     mesh: Mesh | None = None  # data-parallel calibration and row-sharded layer problems
     offload: bool = False  # keep block activations in host memory between forward passes
-    # Reproducible mode when > 0: Grams summed window by window in a fixed order, and each
-    # layer solved as this many equal row blocks, so that the pruned weights are bit-identical
-    # on every mesh whose size divides it (``walk.canonical_gram``, ``mesh_solve``).
+    # Reproducible mode when > 0: the block passes run window by window and the statistics are
+    # summed window by window in order, and each layer is solved as this many equal row
+    # blocks, so that the pruned weights are bit-identical on every mesh whose size divides it
+    # and for every batch size (``walk.each_window``, ``mesh_solve``).
     row_blocks: int = 0
     # The block-reconstruction stage after each block's layer solves (``jprune.reconstruct``).
     reconstruction: Reconstruction | None = None
@@ -97,7 +98,7 @@ class EngineOptions:
 
     @property
     def placement(self) -> walk.Placement:
-        return walk.Placement(self.mesh, self.offload)
+        return walk.Placement(self.mesh, self.offload, window_by_window=self.row_blocks > 0)
 
     @property
     def devices(self) -> Devices:
@@ -256,8 +257,7 @@ def _run_stages(job: _Job, work: _BlockWork, stages, use_dense: bool, progress) 
             )
         stats = work.timed(
             "statistics", walk.statistics, work.pruned, work.dense, stage.statistics, work.x,
-            work.x_dense, work.cache, work.dense_cache, reproducible=job.options.row_blocks > 0,
-            dense_outputs=last_dense,
+            work.x_dense, work.cache, work.dense_cache, dense_outputs=last_dense,
         )  # fmt: skip
         if last_dense:
             stats, work.next_dense = stats

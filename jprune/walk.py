@@ -11,7 +11,7 @@ evaluation (``jprune.evaluate``) are its clients. It owns
   (``residual``), each able to resume from what a ``Cache`` holds of an earlier pass;
 * the per-tap statistics a pruning stage asks for (``statistics``: Grams, cross and dense
   Grams or their readers' output energies, input sums), summed over a stream in float32, in a
-  fixed order in the reproducible mode (``canonical_gram``);
+  window by window in order in the reproducible mode (``each_window``, ``_in_window_order``);
 * ``walk``: load each block in turn, place it, and hand it with the stream to a visitor.
 
 A block is handled as a pure function of its parameters (``BlockWeights``: the module's graph
@@ -29,11 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jprune.converters.spec import linear_input
 from jprune.methods.base import STATISTICS
 from jprune.model import LINEAR_INPUTS, embed_apply, flat_arrays
-from jprune.sharding import replicate, shard_leading, to_host
+from jprune.sharding import AXIS, mesh_size, replicate, shard_leading, to_host
 
 # The linears that feed attention: once they are final, a block's attention output is too.
 ATTENTION_LINEARS = frozenset(n for n, tap in LINEAR_INPUTS.items() if tap == "attn_in")
@@ -51,6 +52,9 @@ class Placement(NamedTuple):
 
     mesh: Mesh | None = None  # batches are split over the mesh along their windows
     offload: bool = False  # keep batches in host memory between passes
+    # The reproducible mode: every pass runs one window at a time (``each_window``), so a
+    # window's activations do not depend on the batch size or the mesh.
+    window_by_window: bool = False
 
     @property
     def on_host(self) -> bool:
@@ -155,6 +159,38 @@ def embed(shell: nnx.Module, windows: np.ndarray, batch_size: int, placement: Pl
     )
 
 
+def each_window(fn, placement: Placement, state, x, *rest):
+    """``fn(state, x, *rest)`` on a batch whose leading axis is its windows (and so is that
+    of ``rest`` and of ``fn``'s outputs).
+
+    With ``placement.window_by_window``, ``fn`` runs on one window at a time (``lax.map``) on
+    each device's own windows (``shard_map``), and its outputs are stacked along the windows.
+    XLA picks a GEMM's kernel, and with it the rounding, by the operands' shapes: a window
+    multiplied as one of 8 windows or of 3 rounds differently. Window by window, every window
+    meets the same program on the same shapes whatever the batch size and the mesh. When the
+    windows do not split evenly over the mesh, every device maps all of them (the same answer).
+    """
+    if not placement.window_by_window:
+        return fn(state, x, *rest)
+    mesh = placement.mesh
+    if mesh is None:
+        return jax.lax.map(functools.partial(_one_window, fn, state), (x, *rest))
+    split = P(AXIS) if x.shape[0] % mesh_size(mesh) == 0 else P()
+    mapped = jax.shard_map(
+        lambda state, *windows: jax.lax.map(functools.partial(_one_window, fn, state), windows),
+        mesh=mesh,
+        in_specs=(P(), *(split,) * (1 + len(rest))),
+        out_specs=split,
+    )
+    return mapped(state, x, *rest)
+
+
+def _one_window(fn, state, window):
+    """``fn`` on one window (the leading axis kept at length 1), its outputs unbatched."""
+    batched = jax.tree.map(lambda a: a[None], window)
+    return jax.tree.map(lambda a: a[0], fn(state, *batched))
+
+
 def forward(graphdef, state, x, cached=None):
     """The block's (output, taps), resumed from what ``cached`` holds of ``x``'s pass: its
     attention output (``{"attention": ...}``) or the residual entering the MLP
@@ -167,43 +203,47 @@ def forward(graphdef, state, x, cached=None):
     return block(x)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _outputs_batch(graphdef, state, x, cached=None):
+def _outputs(graphdef, state, x, cached):
     return forward(graphdef, state, x, cached)[0]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _attention_batch(graphdef, state, x, cached=None):
+def _attention(graphdef, state, x, cached):
     return nnx.merge(graphdef, state).attend(x)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _residual_batch(graphdef, state, x, cached=None):
+def _residual(graphdef, state, x, cached):
     block = nnx.merge(graphdef, state)
     attention = cached["attention"] if cached else block.attend(x)
     return block.after_attention(x, attention)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _pass_batch(fn, graphdef, placement: Placement, state, x, cached=None):
+    """One batch through ``fn(graphdef, state, x, cached)`` (window by window where the
+    placement asks)."""
+    return each_window(functools.partial(fn, graphdef), placement, state, x, cached)
+
+
 def _each_batch(fn, weights: BlockWeights, x: Stream, cache: Cache | None) -> Stream:
     """``fn(graphdef, state, batch, cached batch)`` over a stream."""
-    fn = functools.partial(fn, weights.graphdef, weights.state)
-    batches = [fn(batch, kept) for batch, kept in zip(x, cached_batches(cache, x), strict=True)]
+    run = functools.partial(_pass_batch, fn, weights.graphdef, x.placement, weights.state)
+    batches = [run(batch, kept) for batch, kept in zip(x, cached_batches(cache, x), strict=True)]
     return Stream(batches, x.placement)
 
 
 def outputs(weights: BlockWeights, x: Stream, cache: Cache | None = None) -> Stream:
     """The block's outputs: the next block's inputs."""
-    return _each_batch(_outputs_batch, weights, x, cache)
+    return _each_batch(_outputs, weights, x, cache)
 
 
 def attention(weights: BlockWeights, x: Stream) -> Stream:
     """The block's attention output (o's input)."""
-    return _each_batch(_attention_batch, weights, x, None)
+    return _each_batch(_attention, weights, x, None)
 
 
 def residual(weights: BlockWeights, x: Stream, cache: Cache | None = None) -> Stream:
     """The residual stream entering the block's MLP."""
-    return _each_batch(_residual_batch, weights, x, cache)
+    return _each_batch(_residual, weights, x, cache)
 
 
 def advance_cache(weights: BlockWeights, x: Stream, cache: Cache, final: set[str]) -> Cache:
@@ -241,29 +281,43 @@ def walk(
 # ---------------------------------------------------------------- statistics
 
 
-def _pairwise_sum(x: jax.Array) -> jax.Array:
-    """Sum over the leading axis as a fixed binary tree (neighbours first, an odd last one
-    carried up): the additions do not depend on how the axis is split over devices."""
-    while x.shape[0] > 1:
-        even = x.shape[0] - x.shape[0] % 2
-        x = jnp.concatenate([x[0:even:2] + x[1:even:2], x[even:]])
-    return x[0]
+# The reproducible mode's Grams add up products over this many tokens at a time.
+GRAM_CHUNK = 128
 
 
-def canonical_gram(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``A^T B`` over (windows, seqlen, d) activations, rounded the same on every mesh.
+def _gram(a: jax.Array, b: jax.Array, in_order: bool = False) -> jax.Array:
+    """``A^T B`` over (windows, seqlen, d) activations; ``in_order``: as products over
+    ``GRAM_CHUNK`` tokens at a time, added in order.
 
-    A data-parallel ``A^T B`` is each device's partial product plus an all-reduce, so its
-    rounding depends on how many devices share the windows. Here every window's Gram is one
-    product of fixed shape and the windows are summed by ``_pairwise_sum``.
+    A Gram is a GEMM with a small output and a long contraction (the tokens), the shape for
+    which a CPU backend may split the contraction over its threads and add the partial sums:
+    its rounding then depends on how many threads a device has (1 host device or 8 on one
+    machine give different bits). Products over 128 tokens are too short to be split.
     """
-    return _pairwise_sum(jnp.einsum("wti,wtj->wij", a, b))
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    if not in_order:
+        return a.T @ b
+    extra = -a.shape[0] % GRAM_CHUNK  # zero rows add exact zeros
+    a, b = (jnp.pad(m, ((0, extra), (0, 0))).reshape(-1, GRAM_CHUNK, m.shape[1]) for m in (a, b))
+    first = a[0].T @ b[0]  # (a zero start would need marking as per-device in a shard_map)
+    return jax.lax.scan(lambda acc, pair: (acc + pair[0].T @ pair[1], None), first, (a[1:], b[1:]))[
+        0
+    ]
 
 
-def _gram(a: jax.Array, b: jax.Array, reproducible: bool) -> jax.Array:
-    if reproducible:
-        return canonical_gram(a, b)
-    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+def _in_window_order(per_window, total=None):
+    """Per-window statistics (leading axis: the windows) added to ``total`` (zeros when None)
+    one window at a time, in the windows' order.
+
+    A sum over a batch, or a data-parallel sum and its all-reduce, rounds by how the windows
+    are grouped, which the batch size and the mesh decide. Added one by one in order, the
+    windows are summed the same way whatever the grouping.
+    """
+    if total is None:
+        total = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), per_window)
+    return jax.lax.scan(
+        lambda acc, window: (jax.tree.map(jnp.add, acc, window), None), total, per_window
+    )[0]
 
 
 def _linears_reading(tap: str, weights: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -286,11 +340,11 @@ def _prefers_energies(readers: Mapping[str, jax.Array], d_in: int) -> bool:
     return sum(w.shape[0] for w in readers.values()) < d_in
 
 
-def _energy(x: jax.Array, weight: jax.Array, reproducible: bool) -> jax.Array:
+def _energy(x: jax.Array, weight: jax.Array) -> jax.Array:
     """``||W x||^2`` summed over the tokens of (windows, seqlen, d_in) activations, float32."""
     y = x @ weight.astype(x.dtype).T
     per_window = jnp.sum(jnp.square(y).astype(jnp.float32), axis=tuple(range(1, y.ndim)))
-    return _pairwise_sum(per_window) if reproducible else jnp.sum(per_window)
+    return jnp.sum(per_window)
 
 
 Requests = tuple[tuple[str, tuple[str, ...]], ...]
@@ -304,49 +358,69 @@ def requests_of(statistics: Mapping[str, frozenset[str]]) -> Requests:
     return tuple((tap, tuple(sorted(wanted))) for tap, wanted in sorted(statistics.items()))
 
 
+def _tap_statistics(requests: Requests, weights, current, dense, in_order: bool):
+    """Per requested tap, its statistics (see ``methods.base.STATISTICS``) from the taps of
+    the stream being pruned (``current``) and of the dense stream (``dense``); ``in_order``:
+    Grams summed over token chunks in order (``_gram``)."""
+    out = {}
+    for tap, wanted in requests:
+        xp = current[tap]
+        stats = {}
+        if "gram" in wanted:
+            stats["gram"] = _gram(xp, xp, in_order)
+        if "cross" in wanted:
+            stats["cross"] = _gram(dense[tap], xp, in_order)
+        if "dense" in wanted:
+            readers = _linears_reading(tap, weights)
+            if _prefers_energies(readers, xp.shape[-1]):
+                stats["energy"] = {role: _energy(dense[tap], w) for role, w in readers.items()}
+            else:
+                stats["dense"] = _gram(dense[tap], dense[tap], in_order)
+        if "mean" in wanted:  # a sum here; the consumer divides by the token count
+            stats["mean"] = jnp.sum(xp.reshape(-1, xp.shape[-1]), axis=0)
+        out[tap] = stats
+    return out
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _batch_statistics(
     graphdef,
     requests: Requests,
     with_dense: bool,
-    reproducible: bool,
     dense_outputs: bool,
+    placement: Placement,
     state,
     dense_state,
     x,
     x_dense,
     cached=None,
     dense_cached=None,
+    total=None,
 ):
-    """Per requested tap, its statistics for one batch (see ``methods.base.STATISTICS``), and
-    with ``dense_outputs`` the dense stream's block outputs (else None)."""
-    _, current = forward(graphdef, state, x, cached)
-    dense_out, dense = (
-        forward(graphdef, dense_state, x_dense, dense_cached)
-        if with_dense or dense_outputs
-        else (None, None)
+    """The statistics of one batch, and with ``dense_outputs`` the dense stream's block
+    outputs (else None). Window by window (the reproducible mode), the windows' statistics
+    are added to ``total`` in order."""
+
+    def batch(states, x, x_dense, cached, dense_cached):
+        state, dense_state = states
+        _, current = forward(graphdef, state, x, cached)
+        dense_out, dense = (
+            forward(graphdef, dense_state, x_dense, dense_cached)
+            if with_dense or dense_outputs
+            else (None, None)
+        )
+        weights = flat_arrays(dense_state) if with_dense else {}
+        stats = _tap_statistics(requests, weights, current, dense, placement.window_by_window)
+        if placement.window_by_window:  # one window's sums, given the window axis it lacks
+            stats = jax.tree.map(lambda a: a[None], stats)
+        return stats, (dense_out if dense_outputs else None)
+
+    stats, dense_out = each_window(
+        batch, placement, (state, dense_state), x, x_dense, cached, dense_cached
     )
-    weights = flat_arrays(dense_state) if with_dense else {}
-    out = {}
-    for tap, wanted in requests:
-        xp = current[tap]
-        stats = {}
-        if "gram" in wanted:
-            stats["gram"] = _gram(xp, xp, reproducible)
-        if "cross" in wanted:
-            stats["cross"] = _gram(dense[tap], xp, reproducible)
-        if "dense" in wanted:
-            readers = _linears_reading(tap, weights)
-            if _prefers_energies(readers, xp.shape[-1]):
-                stats["energy"] = {
-                    role: _energy(dense[tap], w, reproducible) for role, w in readers.items()
-                }
-            else:
-                stats["dense"] = _gram(dense[tap], dense[tap], reproducible)
-        if "mean" in wanted:  # a sum here; the consumer divides by the token count
-            stats["mean"] = jnp.sum(xp.reshape(-1, xp.shape[-1]), axis=0)
-        out[tap] = stats
-    return out, (dense_out if dense_outputs else None)
+    if placement.window_by_window:
+        stats = _in_window_order(stats, total)
+    return stats, dense_out
 
 
 def statistics(
@@ -358,21 +432,22 @@ def statistics(
     cache: Cache | None = None,
     dense_cache: Cache | None = None,
     *,
-    reproducible: bool = False,
     dense_outputs: bool = False,
 ):
     """Sum the per-batch statistics over all calibration windows (float32).
 
     ``wanted``: tap -> the statistics wanted; ``x_dense`` is read only when one of them needs
     the dense stream, or with ``dense_outputs``. ``cache`` / ``dense_cache``: what each
-    stream's earlier pass left (``forward``). ``reproducible``: Grams summed window by window
-    in a fixed order (``canonical_gram``). With ``dense_outputs`` returns ``(statistics, the
-    dense stream's block outputs)``: the dense model does not change, so its next-block inputs
-    come out of this pass instead of a pass of their own.
+    stream's earlier pass left (``forward``). Where the stream's placement runs window by
+    window (the reproducible mode), the windows' statistics are summed one window at a time
+    in order (``_in_window_order``). With ``dense_outputs`` returns ``(statistics, the dense
+    stream's block outputs)``: the dense model does not change, so its next-block inputs come
+    out of this pass instead of a pass of their own.
     """
     requests = requests_of(wanted)
     with_dense = any(DENSE_STATISTICS & set(names) for _, names in requests)
     dense = x_dense if with_dense or dense_outputs else None
+    in_order = x.placement.window_by_window
     total = None
     next_dense = []
     for batch, batch_dense, kept, kept_dense in zip(
@@ -380,11 +455,15 @@ def statistics(
         cached_batches(dense_cache, x), strict=True,
     ):  # fmt: skip
         stats, dense_out = _batch_statistics(
-            weights.graphdef, requests, with_dense, reproducible, dense_outputs,
+            weights.graphdef, requests, with_dense, dense_outputs, x.placement,
             weights.state, dense_weights.state, batch, batch_dense, kept, kept_dense,
+            total if in_order else None,
         )  # fmt: skip
         next_dense.append(dense_out)
-        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        if in_order or total is None:
+            total = stats
+        else:
+            total = jax.tree.map(jnp.add, total, stats)
     if dense_outputs:
         return total, Stream(next_dense, x.placement)
     return total
@@ -394,14 +473,15 @@ def accumulate_grams(
     graphdef, taps, state, dense_state, x, x_dense, batch_size: int, reproducible: bool = False
 ) -> dict[str, dict[str, Any]]:
     """Grams (and with ``x_dense`` the cross and dense Grams) of whole (windows, seqlen,
-    hidden) arrays on the default device: tap -> statistic -> array."""
+    hidden) arrays on the default device: tap -> statistic -> array. ``reproducible``: window
+    by window, in order (the reproducible mode)."""
     wanted = frozenset({"gram"} if x_dense is None else {"gram", "cross", "dense"})
-    dense = None if x_dense is None else Stream(split_windows(x_dense, batch_size))
+    placement = Placement(window_by_window=reproducible)
+    dense = None if x_dense is None else Stream(split_windows(x_dense, batch_size), placement)
     return statistics(
         BlockWeights(graphdef, state),
         BlockWeights(graphdef, dense_state),
         dict.fromkeys(taps, wanted),
-        Stream(split_windows(x, batch_size)),
+        Stream(split_windows(x, batch_size), placement),
         dense,
-        reproducible=reproducible,
     )

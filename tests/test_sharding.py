@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import AutoModelForCausalLM
 
 from jprune.converters.hf import read_tensors
 from jprune.methods import METHODS
 from jprune.sharding import make_mesh, pad_rows
-from jprune.walk import canonical_gram
+from jprune.walk import accumulate_grams
 
 from conftest import (
     CALIB_TEXT,
@@ -53,7 +54,7 @@ SCRIPT = textwrap.dedent(
 
     model_dir, calib, out, examples = sys.argv[1:5]
     options, sharded = json.loads(sys.argv[5]), sys.argv[6].split(",")
-    meshes = [int(m) for m in sys.argv[7:]]
+    runs, meshes = json.loads(sys.argv[7]), [int(m) for m in sys.argv[8:]]
     assert jax.device_count() == 8, jax.devices()
     sys.path.insert(0, examples)
     import custom_method  # registers the example's method: it gets the mesh checks too
@@ -62,8 +63,8 @@ SCRIPT = textwrap.dedent(
     def prune(name, label, **settings):
         target = {"sparsity": 0.25} if METHODS[name].structured else {"sparsity": 0.5}
         directory = None if label is None else f"{out}/{name}-{label}"
-        config = PruneConfig.of(model_dir, name, **target, **small, out=directory,
-                                method_options=options.get(name, {}), **settings)
+        config = PruneConfig.of(model_dir, name, **target, out=directory,
+                                method_options=options.get(name, {}), **{**small, **settings})
         return jp.prune(config)
 
     def layer_check(method, problem):
@@ -97,17 +98,20 @@ SCRIPT = textwrap.dedent(
             )
             for role, tap in (("gate", "mlp_in"), ("down", "down_in"))
         }
-    # 2. The whole model, calibration batches split across devices too, in the reproducible
-    #    mode (row_blocks=8): every registered method on 1 and 2 devices, the sharded methods
-    #    on every mesh and once on one device in the default mode for comparison.
+    # 2. The whole model in the reproducible mode (row_blocks=8) with 32 calibration windows,
+    #    split over the devices in batches of 8 or 3: every registered method on each of its
+    #    (mesh, batch size) runs, and the sharded methods once in the default mode on one
+    #    device for comparison.
+    many = dict(small, nsamples=32)
     for name in sorted(METHODS):
         errors = results["model"][name] = {}
-        for m in meshes if name in sharded else meshes[:2]:
-            report = prune(name, f"mesh{m}", row_blocks=8, mesh=m)
+        for m, b in runs[name] if name in runs else runs["*"]:
+            report = prune(name, f"mesh{m}-batch{b}", row_blocks=8, mesh=m, batch_size=b, **many)
             assert report["machine"]["mesh_devices"] == m
-            errors[m] = report["summary"]["relative_error_sum"]
+            errors[f"{m}x{b}"] = report["summary"]["relative_error_sum"]
         if name in sharded:
-            results["default"][name] = prune(name, None)["summary"]["relative_error_sum"]
+            default = prune(name, None, **many)
+            results["default"][name] = default["summary"]["relative_error_sum"]
     # 3. The default mode of the structured methods: data-parallel Grams on 2 devices, and
     #    activations on the host.
     for name in ("fasp", "spap"):
@@ -129,17 +133,21 @@ SCRIPT = textwrap.dedent(
     """
 )
 SHARDED = ("sparsegpt", "optima", "fista")
-# 2 devices split the rows evenly and 8 pad them; in the reproducible mode they take the 8 row
-# blocks 2 and 8 at a time, and 8 devices hold one window each. A 4-device mesh adds no case of
-# its own (the two-process test below spans one), only another compilation of every program.
-# Every other registered method runs on 1 and 2 devices: one subprocess serves both checks, so
-# the sharded methods' 1- and 2-device runs are not made twice.
+# Layer problems: 2 devices split the rows evenly and 8 pad them (a 4-device mesh adds no case of
+# its own, only another compilation of every program).
 MESHES = ("1", "2", "8")
+# The reproducible mode on the whole model (issue 31): (mesh, batch size) runs of 32 windows.
+# The sharded methods run every mesh with both batch sizes; every other registered method a
+# cover of them (each mesh and each batch size at least once, against one device's batches
+# of 8); 8 devices with batches of 8 hold one window each, with batches of 3 they replicate.
+EVERY_RUN = [(m, b) for b in (8, 3) for m in (1, 2, 4, 8)]
+COVER = [(1, 8), (2, 3), (4, 8), (8, 3)]
+RUNS = {"*": COVER, **dict.fromkeys(SHARDED, EVERY_RUN)}
 LAYER_WEIGHTS = 172 * 64  # stories260K's gate and down
 ALL = sorted(METHODS)
-# The engine on a mesh is under test, not the methods' quality: spap runs its cheapest settings;
-# the others their defaults.
-MESH_OPTIONS = {"spap": CHEAP_OPTIONS["spap"]}
+# The engine on a mesh is under test, not the methods' quality: the iterative methods run their
+# cheapest settings, the others their defaults.
+MESH_OPTIONS = {name: CHEAP_OPTIONS[name] for name in ("spap", "fista", "l0-admm")}
 
 
 def test_make_mesh_and_padding():
@@ -148,14 +156,38 @@ def test_make_mesh_and_padding():
     assert padded.shape == (5, 3)
 
 
-def test_canonical_gram_is_the_gram_summed_in_a_fixed_tree():
+def test_reproducible_grams_are_the_same_bits_for_every_batch_size():
+    """The reproducible mode's Grams: window by window, token chunks in order; the batch
+    size does not change a bit, and the sum is the Gram (float64 reference, float32 bound)."""
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((5, 7, 3)).astype(np.float32) for _ in range(2))
-    gram = np.asarray(canonical_gram(a, b))
-    np.testing.assert_allclose(gram, a.reshape(-1, 3).T @ b.reshape(-1, 3), rtol=1e-5, atol=1e-5)
-    per_window = [np.asarray(jnp.asarray(a[w]).T @ jnp.asarray(b[w])) for w in range(5)]
-    tree = ((per_window[0] + per_window[1]) + (per_window[2] + per_window[3])) + per_window[4]
-    np.testing.assert_array_equal(gram, tree)
+    x = rng.standard_normal((7, 200, 12)).astype(np.float32)
+    layer = nnx.Linear(12, 12, rngs=nnx.Rngs(0))
+
+    def grams(batch_size, reproducible):
+        graphdef, state = nnx.split(_Tapped(layer))
+        return accumulate_grams(
+            graphdef, ["in"], state, state, jnp.asarray(x), None, batch_size, reproducible
+        )["in"]["gram"]
+
+    ordered = {b: np.asarray(grams(b, True)) for b in (1, 3, 7)}
+    for b in (3, 7):
+        np.testing.assert_array_equal(ordered[b], ordered[1])
+    flat = x.reshape(-1, 12).astype(np.float64)
+    reference = flat.T @ flat
+    # float32 summation of n = 1400 products: |error| <= n eps sum |x_i x_j|
+    bound = flat.shape[0] * np.finfo(np.float32).eps * (np.abs(flat).T @ np.abs(flat))
+    assert (np.abs(ordered[1] - reference) <= bound).all()
+    assert (np.abs(np.asarray(grams(3, False)) - reference) <= bound).all()
+
+
+class _Tapped(nnx.Module):
+    """A one-linear block for ``accumulate_grams``: its input is the tap ``in``."""
+
+    def __init__(self, linear):
+        self.linear = linear
+
+    def __call__(self, x):
+        return self.linear(x), {"in": x}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +196,7 @@ def sharded_runs(assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
     results = run_on_eight_devices(
         root, SCRIPT, STORIES260K, CALIB_TEXT, root, ROOT / "examples",
-        json.dumps(MESH_OPTIONS), ",".join(SHARDED), *MESHES,
+        json.dumps(MESH_OPTIONS), ",".join(SHARDED), json.dumps(RUNS), *MESHES,
     )  # fmt: skip
     return root, results
 
@@ -189,15 +221,32 @@ def test_sharded_pruning_matches_one_device(sharded_runs, method):
                 assert mask_flips == 0 and relative_diff < 1e-3, (
                     role, mesh, relative_diff, mask_flips
                 )  # fmt: skip
-    # the whole model in the reproducible mode: bit-identical weights on every mesh
-    base = _decoder_weights(root / f"{method}-mesh1")
-    for mesh in MESHES[1:]:
-        other = _decoder_weights(root / f"{method}-mesh{mesh}")
+    # the whole model in the reproducible mode: bit-identical weights on every mesh and for
+    # every batch size
+    base = _decoder_weights(root / f"{method}-mesh1-batch8")
+    for mesh, batch in EVERY_RUN[1:]:
+        other = _decoder_weights(root / f"{method}-mesh{mesh}-batch{batch}")
         unequal = {name: int((t != other[name]).sum()) for name, t in base.items()}
-        assert sum(unequal.values()) == 0, (mesh, unequal)
-        assert results["model"][method][mesh] == results["model"][method]["1"]
+        assert sum(unequal.values()) == 0, (mesh, batch, unequal)
+        assert results["model"][method][f"{mesh}x{batch}"] == results["model"][method]["1x8"]
     # and the row blocks cost nothing in quality against the default one-device run
-    assert results["model"][method]["1"] == pytest.approx(results["default"][method], rel=0.02)
+    assert results["model"][method]["1x8"] == pytest.approx(results["default"][method], rel=0.02)
+
+
+def test_reproducible_mode_gives_the_same_bits_with_one_host_device(sharded_runs, tmp_path):
+    """Issue 31: the 8-host-device process's checkpoint is also this 1-host-device process's
+    (XLA's CPU kernels may split a long contraction by the threads a device has: the
+    reproducible mode's Grams add short products in order)."""
+    root, _ = sharded_runs
+    out = tmp_path / "fista"
+    prune_with(
+        STORIES260K, "fista", sparsity=0.5, calib=CALIB_TEXT, nsamples=32, seqlen=64,
+        evaluate_dense=False, row_blocks=8, batch_size=3, method_options=MESH_OPTIONS["fista"],
+        out=out,
+    )  # fmt: skip
+    here, there = _decoder_weights(out), _decoder_weights(root / "fista-mesh8-batch8")
+    unequal = {name: int((t != there[name]).sum()) for name, t in here.items()}
+    assert sum(unequal.values()) == 0, unequal
 
 
 def _decoder_weights(path):
@@ -257,8 +306,10 @@ def test_two_processes_prune_like_one_device(sharded_runs, tmp_path):
         port = probe.getsockname()[1]
     out = tmp_path / "out"
     args = ["--model", str(STORIES260K), "--method", "fista", "--sparsity", "0.5"]
-    args += ["--calib", str(CALIB_TEXT), "--nsamples", "8", "--seqlen", "64", "--quiet"]
-    args += ["--row-blocks", "8"]
+    args += ["--calib", str(CALIB_TEXT), "--nsamples", "32", "--seqlen", "64", "--quiet"]
+    args += ["--row-blocks", "8", "--batch-size", "8"]
+    for key, value in MESH_OPTIONS["fista"].items():
+        args += ["--option", f"{key}={value}"]
     code = "import sys; from jprune.cli import main; sys.exit(main(sys.argv[1:]))"
     processes = [
         subprocess.Popen(
@@ -288,22 +339,25 @@ def test_two_processes_prune_like_one_device(sharded_runs, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["machine"]["processes"] == 2 and report["machine"]["mesh_devices"] == 4
     root, results = sharded_runs
-    assert report["summary"]["relative_error_sum"] == results["model"]["fista"]["1"]
+    assert report["summary"]["relative_error_sum"] == results["model"]["fista"]["1x8"]
     spread = dict(decoder_linears(assert_exact_pattern(out, sparsity=0.5)))
-    one = dict(decoder_linears(assert_exact_pattern(root / "fista-mesh1", sparsity=0.5)))
+    one = dict(decoder_linears(assert_exact_pattern(root / "fista-mesh1-batch8", sparsity=0.5)))
     unequal = {n: int((one[n] != spread[n]).sum()) for n in one}
     assert sum(unequal.values()) == 0, unequal
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_method_on_a_2_device_mesh_gives_one_device_weights(sharded_runs, name):
-    """The registry's contract on a mesh: in the reproducible mode, 2 devices give one
-    device's checkpoint byte for byte, structured methods included."""
+def test_every_method_on_every_mesh_gives_one_device_weights(sharded_runs, name):
+    """The registry's contract on a mesh: in the reproducible mode, 2, 4 and 8 devices with
+    batches of 8 or 3 windows give one device's checkpoint byte for byte, structured methods
+    included."""
     root, _ = sharded_runs
-    one, two = read_tensors(root / f"{name}-mesh1"), read_tensors(root / f"{name}-mesh2")
-    assert one.keys() == two.keys()
-    for key in one:
-        np.testing.assert_array_equal(one[key], two[key], key)
+    one = read_tensors(root / f"{name}-mesh1-batch8")
+    for mesh, batch in RUNS.get(name, COVER)[1:]:
+        other = read_tensors(root / f"{name}-mesh{mesh}-batch{batch}")
+        assert one.keys() == other.keys()
+        for key in one:
+            np.testing.assert_array_equal(one[key], other[key], (mesh, batch, key))
 
 
 @pytest.mark.parametrize("name", ["fasp", "spap"])
