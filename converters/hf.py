@@ -1,21 +1,22 @@
 """Hugging Face checkpoint directories <-> jprune ``CausalLM``.
 
 Reads ``config.json`` with ``model.safetensors``, sharded safetensors (an index file), or
-``pytorch_model.bin``; writes the ``save_pretrained`` layout back. Tensor names go through one
-explicit table per family; a tensor the table does not know is refused by name, a missing one
-too. Saving writes into a temporary sibling directory and renames it at the end, so a failure
-never leaves a half-written checkpoint.
+``pytorch_model.bin``; writes the ``save_pretrained`` layout back, from a loaded model
+(``save_model``) or a block at a time from a checkpoint (``convert``, the same bytes). Tensor
+names go through one explicit table per family; a tensor the table does not know is refused by
+name, a missing one too. Saving writes into a temporary sibling directory and renames it at
+the end, so a failure never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jprune.converters.safetensors_file import SafetensorsFile, nbytes
 from jprune.converters.spec import (
     ModelSpec,
     UnsupportedModelError,
@@ -452,6 +454,7 @@ class Checkpoint:
             stored = {}
             for file in sorted(files):
                 stored |= _safetensors_shapes(self.path / file)
+        self.stored = stored  # HF name -> shape and dtype as stored
         self.spec = _expert_layout(self.spec, stored)
         self.name_map = _check_names(self.spec, stored)
         self._slices = fused_slices(self.spec, self.name_map, stored)
@@ -560,7 +563,7 @@ def _check_widths(config: Mapping[str, Any], spec: ModelSpec, arrays) -> None:
 # ---------------------------------------------------------------- writing
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; move it to ``out`` only on success."""
     out = Path(out)
@@ -578,34 +581,44 @@ def atomic_directory(out: str | os.PathLike, force: bool = False) -> Iterator[Pa
     staging.rename(out)
 
 
-def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
-    shards: list[dict[str, np.ndarray]] = [{}]
+SAFE_METADATA = {"format": "pt"}
+
+
+def shard_files(sizes: Mapping[str, int], max_bytes: int) -> dict[str, list[str]]:
+    """File name -> the tensors it holds, in the ``save_pretrained`` layout: the tensors sorted
+    by name, one ``model.safetensors``, or consecutive shards
+    ``model-0000i-of-0000n.safetensors`` of at most ``max_bytes`` (a larger tensor alone).
+    ``sizes``: tensor name -> bytes."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, array in tensors.items():
-        if shards[-1] and size + array.nbytes > max_bytes:
-            shards.append({})
+    for name in sorted(sizes):
+        if shards[-1] and size + sizes[name] > max_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = array
-        size += array.nbytes
-    return shards
+        shards[-1].append(name)
+        size += sizes[name]
+    if len(shards) == 1:
+        return {SAFE_WEIGHTS: shards[0]}
+    count = len(shards)
+    return {f"model-{i:05d}-of-{count:05d}.safetensors": s for i, s in enumerate(shards, start=1)}
+
+
+def write_index(directory: Path, files: Mapping[str, list[str]], sizes: Mapping[str, int]) -> None:
+    """The index of a sharded checkpoint: every tensor's file and the tensors' total bytes."""
+    weight_map = {name: file for file, names in files.items() for name in names}
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def write_tensors(directory: Path, tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> None:
     """Write safetensors in the ``save_pretrained`` layout, sharded with an index when large."""
     tensors = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
-    shards = _shards(tensors, max_shard_bytes)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
-        weight_map |= dict.fromkeys(shard, name)
-    total = sum(a.nbytes for a in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    sizes = {name: array.nbytes for name, array in tensors.items()}
+    files = shard_files(sizes, max_shard_bytes)
+    for file, names in files.items():
+        save_file({n: tensors[n] for n in names}, str(directory / file), metadata=SAFE_METADATA)
+    if len(files) > 1:
+        write_index(directory, files, sizes)
 
 
 def dtype_name(arrays: Mapping[str, np.ndarray]) -> str:
@@ -682,6 +695,102 @@ def save_model(
     return Path(out)
 
 
+def loaded_dtype(dtype) -> np.dtype:
+    """The dtype an array of ``dtype`` has in a loaded ``CausalLM`` (what ``save_model``
+    writes): JAX keeps 64-bit types as 32-bit ones unless x64 is enabled."""
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+def written_shapes(checkpoint: Checkpoint) -> dict[str, jax.ShapeDtypeStruct]:
+    """HF name -> shape and dtype of every tensor ``save_model`` writes for the checkpoint
+    loaded whole: the stored shapes (fused tensors are split and stacked back), the dtypes
+    cast as asked and as a loaded model holds them."""
+    return {
+        theirs: jax.ShapeDtypeStruct(
+            checkpoint.stored[theirs].shape, loaded_dtype(checkpoint.shapes[ours].dtype)
+        )
+        for ours, theirs in checkpoint.name_map.items()
+    }
+
+
+def convert_units(checkpoint: Checkpoint) -> list[list[str]]:
+    """What ``convert`` reads at once, in order: the non-block tensors, then each block's."""
+    blocks = [checkpoint.block_names(i) for i in range(checkpoint.spec.num_layers)]
+    return [checkpoint.outer_names(), *blocks]
+
+
+def convert_bytes(checkpoint: Checkpoint) -> int:
+    """What ``convert`` holds at once besides the runtime (the README's bound), for its
+    largest unit (``convert_units``) of a safetensors checkpoint: the unit as stored twice (the
+    file's pages, mapped while they are read, and the arrays read from them), once more as
+    written when it is cast (``--dtype``), and its fused tensors (Phi-3's qkv and gate_up,
+    stacked experts) once more, stacked back. A ``pytorch_model.bin`` is held whole on top."""
+    shapes = written_shapes(checkpoint)
+    fused = fused_groups(checkpoint.name_map)
+
+    def held(names: list[str]) -> int:
+        tensors = {checkpoint.name_map[n] for n in names}
+        stored = sum(nbytes(checkpoint.stored[t]) for t in tensors)
+        cast = checkpoint.dtype is not None or any(
+            shapes[t].dtype != checkpoint.stored[t].dtype for t in tensors
+        )
+        written = sum(nbytes(shapes[t]) for t in tensors) if cast else 0
+        return 2 * stored + written + sum(nbytes(shapes[t]) for t in tensors if t in fused)
+
+    return max(held(names) for names in convert_units(checkpoint))
+
+
+def _write_unit(target: Mapping[str, SafetensorsFile], name_map: Mapping[str, str], arrays) -> None:
+    """Write canonical-named ``arrays`` (a unit just read) into the files that hold them, as a
+    loaded model holds them. A function of its own: nothing of the unit outlives it, so the
+    next unit is read with this one gone."""
+    arrays = {name: a.astype(loaded_dtype(a.dtype), copy=False) for name, a in arrays.items()}
+    for theirs, tensor in hf_tensors(name_map, arrays).items():
+        target[theirs].write(theirs, tensor)
+
+
+def convert(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write ``source`` at ``out`` as ``save_model(*load_model(source, dtype), out,
+    source=source)`` does, byte for byte, holding one block at a time.
+
+    The output files are laid out up front from the tensor headers (``SafetensorsFile``);
+    the checkpoint is then read through ``Checkpoint`` (which refuses non-finite weights) the
+    non-block tensors first, then a block at a time, and each tensor is written at its place
+    as soon as it is read. Everything goes to a staging directory renamed to ``out`` at the
+    end (``atomic_directory``), so a failure leaves nothing at ``out``. Memory: one unit at
+    a time (``convert_bytes``); a ``pytorch_model.bin`` source has no index, and
+    ``Checkpoint`` loads it whole.
+    """
+    checkpoint = Checkpoint(source, dtype)
+    shapes = written_shapes(checkpoint)
+    sizes = {name: nbytes(shape) for name, shape in shapes.items()}
+    files = shard_files(sizes, max_shard_bytes)
+    embed = shapes[checkpoint.name_map["embed.weight"]]
+    config = export_config(checkpoint.config, dtype_name({"embed.weight": embed}), None)
+    with atomic_directory(out, force=force) as staging:
+        with contextlib.ExitStack() as opened:
+            target = {}
+            for file, names in files.items():
+                handle = SafetensorsFile(
+                    staging / file, {n: shapes[n] for n in names}, SAFE_METADATA
+                )
+                opened.enter_context(handle)
+                target |= dict.fromkeys(names, handle)
+            for names in convert_units(checkpoint):
+                _write_unit(target, checkpoint.name_map, checkpoint.read(names))
+        if len(files) > 1:
+            write_index(staging, files, sizes)
+        write_metadata(staging, config, source)
+    return Path(out)
+
+
 class BlockShards:
     """A checkpoint written a block at a time, in the ``save_pretrained`` sharded layout.
 
@@ -705,7 +814,7 @@ class BlockShards:
         final = self.directory / self.shard_name(number)
         partial = final.with_suffix(".tmp")
         with writing(final, sum(a.nbytes for a in tensors.values())):
-            save_file(tensors, str(partial), metadata={"format": "pt"})
+            save_file(tensors, str(partial), metadata=SAFE_METADATA)
             os.replace(partial, final)
 
     def write_block(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:

@@ -26,7 +26,7 @@ from jprune.config import (
     read_config,
 )
 from jprune.errors import JpruneError
-from jprune.options import Flag, default_of, split_optional
+from jprune.options import Flag, default_of, parse_fields, split_optional
 from jprune.plan import resolve
 from jprune.stop import Interrupted
 
@@ -41,7 +41,8 @@ def _progress_bar(total: int, desc: str, quiet: bool):
     )
 
 
-def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, batch_size: int, quiet: bool):
+def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, quiet: bool, **options):
+    """Perplexity of ``model`` on a text; ``options``: ``evaluate.perplexity``'s."""
     from jprune.data import eval_windows, read_text, tokenize
     from jprune.evaluate import perplexity
 
@@ -49,7 +50,12 @@ def _evaluate_text(model, tokenizer, text_source: str, seqlen: int, batch_size: 
         tokenize(tokenizer, read_text(text_source)), seqlen, source=f"text {text_source!r}"
     )
     with _progress_bar(model.spec.num_layers, f"eval {text_source}", quiet) as bar:
-        return perplexity(model, windows, batch_size=batch_size, progress=bar.update)
+
+        def advance(done: int, total: int) -> None:  # blocks x groups of windows
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return perplexity(model, windows, progress=advance, **options)
 
 
 def _task_spec(args: argparse.Namespace):
@@ -76,21 +82,34 @@ def cmd_eval_tasks(args: argparse.Namespace, spec) -> int:
     return 0
 
 
+def _eval_memory(args: argparse.Namespace) -> int:
+    """--eval-memory, checked as ``jprune prune`` checks it (its default when not given)."""
+    flag = eval_memory_flag()
+    given = getattr(args, flag.dest)
+    if given is None:
+        return default_of(flag.field)
+    return parse_fields(
+        EvaluationConfig, {flag.field.name: given}, "command line: evaluation"
+    ).memory_mib
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     spec = _task_spec(args)
     if (spec is None) == (args.text is None):
         raise JpruneError("give one of --text (perplexity) and --tasks (zero-shot accuracy)")
     if spec is not None:
+        if getattr(args, eval_memory_flag().dest) is not None:
+            raise JpruneError("--eval-memory is for --text (--tasks loads the model whole)")
         return cmd_eval_tasks(args, spec)
     from jprune.converters.hf import Checkpoint
     from jprune.data import load_tokenizer
 
+    memory_mib = _eval_memory(args)
     model = Checkpoint(args.model, dtype=args.dtype)  # read a block at a time
     tokenizer = load_tokenizer(args.model)
     seqlen = args.seqlen or model.spec.default_seqlen
-    result = _evaluate_text(
-        model, tokenizer, args.text, seqlen, args.batch_size, args.quiet or args.json
-    )
+    options = {"batch_size": args.batch_size, "activation_bytes": memory_mib * 2**20}
+    result = _evaluate_text(model, tokenizer, args.text, seqlen, args.quiet or args.json, **options)
     if args.json:
         print(json.dumps({"model": args.model, "text": args.text, **result._asdict()}))
     else:
@@ -101,10 +120,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from jprune.converters.hf import load_model, save_model
+    from jprune.converters.hf import convert
 
-    model, config = load_model(args.model, dtype=args.dtype)
-    out = save_model(model, config, args.out, source=args.model, force=args.force)
+    out = convert(args.model, args.out, dtype=args.dtype, force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -452,6 +470,13 @@ def task_flags() -> list[ConfigFlag]:
     return [flags[name] for name in TASK_FIELDS]
 
 
+def eval_memory_flag() -> ConfigFlag:
+    """The evaluation section's --eval-memory, which ``jprune eval`` takes too."""
+    return next(
+        f for f in section_flags("evaluation", EvaluationConfig) if f.field.name == "memory_mib"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jprune",
@@ -487,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="windows (with --tasks: requests) per forward pass (default: 8)",
     )
+    add_flags(ev, [eval_memory_flag()])
     ev.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -503,8 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser(
         "convert",
-        help="load an HF checkpoint into JAX and save it back",
-        description="Load an HF model directory into jprune's JAX model and write it back in the save_pretrained layout (a round trip is bit-exact).",
+        help="read an HF checkpoint as jprune does and write it back",
+        description="Read an HF model directory through jprune's converter (tensor names, fused "
+        "layouts, dtypes, finiteness checked) and write it back in the save_pretrained layout "
+        "(a round trip is bit-exact). Safetensors are read and written a decoder block at a "
+        "time, so memory holds one block (or the embeddings and head) at a time; a "
+        "pytorch_model.bin has no index and is loaded whole. The output goes to a temporary directory beside --out, renamed to --out only "
+        "once complete.",
     )
     cv.add_argument("--model", required=True, help="Hugging Face model directory to read")
     cv.add_argument("--out", required=True, help="output directory (must not exist unless --force)")

@@ -312,6 +312,14 @@ class EvaluationConfig:
         unset="the calibration --seqlen",
         flag=Flag("--eval-seqlen"),
     )
+    memory_mib: int = option(
+        1024,
+        "MiB of window activations (a block's inputs and outputs, float32) a perplexity "
+        "evaluation holds: the windows go through the blocks in groups of as many batches as "
+        "fit (at least one), and each group reads every block's weights again",
+        low=1,
+        flag=Flag("--eval-memory", metavar="MIB"),
+    )
     dense: bool = option(
         True,
         "also evaluate the dense model before pruning (--no-eval-dense: the 'before' "

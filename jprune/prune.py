@@ -142,21 +142,26 @@ def _texts(run: Plan):
     return calibration, evaluations
 
 
-def _perplexities(model, evaluations, batch_size, label, progress) -> dict[str, float]:
+def _perplexities(model, evaluations, run: Plan, label, progress) -> dict[str, float]:
     result = {}
     for name, windows in evaluations.items():
-        done = 0
 
-        def advance(blocks: int, name=name) -> None:
-            nonlocal done
-            done += blocks
+        def advance(done: int, total: int, name=name) -> None:  # blocks x groups of windows
             if progress is not None:
-                progress(f"eval {label} on {name}", done, model.spec.num_layers)
+                progress(f"eval {label} on {name}", done, total)
 
         result[name] = perplexity(
-            model, windows, batch_size=batch_size, progress=advance
+            model, windows, progress=advance, **_evaluation_options(run)
         ).perplexity
     return result
+
+
+def _evaluation_options(run: Plan) -> dict[str, int]:
+    """``evaluate.perplexity``'s batch size and activation budget for this run."""
+    return {
+        "batch_size": run.config.engine.batch_size,
+        "activation_bytes": run.config.evaluation.memory_mib * 2**20,
+    }
 
 
 def _zero_shot(path, run: Plan, manager, label, progress):
@@ -242,10 +247,11 @@ def _write_checkpoint(staging: Staging, checkpoint: Checkpoint, outcome, source:
         write_metadata(staging.path, config, source, outcome.extra_files)
 
 
-def _memory_report(outcome, baseline: int, evaluations) -> dict[str, Any]:
+def _memory_report(outcome, baseline: int, evaluations, options) -> dict[str, Any]:
     """Measured peaks against the stated bound: peak RSS <= baseline + the larger bound."""
     eval_bound = max(
-        (evaluation_bytes(outcome.spec, w.shape) for w in evaluations.values()), default=0
+        (evaluation_bytes(outcome.spec, w.shape, **options) for w in evaluations.values()),
+        default=0,
     )
     return {
         "peak_rss_bytes": memory.lifetime_peak(),
@@ -310,8 +316,7 @@ def _dense_evaluations(run: Plan, checkpoint, staging: Staging, texts, progress)
     _, evaluations, tasks = texts
     before = staging.recall("perplexity_before") or dict.fromkeys(evaluations)
     if config.evaluation.dense and any(before.get(t) is None for t in evaluations):
-        batch = config.engine.batch_size
-        before = _perplexities(checkpoint, evaluations, batch, "dense", progress)
+        before = _perplexities(checkpoint, evaluations, run, "dense", progress)
         staging.remember("perplexity_before", before)
     zero_shot_before = None
     if tasks is not None and config.evaluation.dense:
@@ -343,7 +348,6 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
     config, method, target = run.config, run.method, run.target
     calibration, evaluations, tasks = texts
     writer = staging.writer
-    batch = engine.batch_size
     num_blocks = checkpoint.spec.num_layers
     before, zero_shot_before = _dense_evaluations(run, checkpoint, staging, texts, progress)
     stop.check("after the dense model's evaluation, before any block")
@@ -368,7 +372,7 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
         _write_checkpoint(staging, checkpoint, outcome, config.model.path)
     _barrier("jprune: checkpoint written")
     pruned = Checkpoint(staging.path)
-    after = _perplexities(pruned, evaluations, batch, "pruned", progress)
+    after = _perplexities(pruned, evaluations, run, "pruned", progress)
     zero_shot_after = _zero_shot(staging.path, run, tasks, "pruned", progress)
     eval_len = config.evaluation.seqlen or config.calibration.seqlen
     report = {
@@ -395,7 +399,7 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
         "machine": _machine(engine),
         "layers": outcome.records,
     }
-    report["memory"] = _memory_report(outcome, baseline, evaluations)
+    report["memory"] = _memory_report(outcome, baseline, evaluations, _evaluation_options(run))
     report["wall_seconds"] = time.perf_counter() - started
     _barrier("jprune: evaluated")  # the other processes read the staging directory until here
     if config.output.out is not None and writer:

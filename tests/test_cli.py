@@ -358,15 +358,24 @@ def test_truncated_safetensors(zoo, tmp_path, workdir, capsys):
 
 
 def test_failure_while_writing_leaves_nothing(zoo, workdir, capsys, monkeypatch):
-    import jprune.converters.hf as hf
+    """The disk fills after the first tensors are written: one line naming the file, and the
+    staging directory with the written part goes."""
+    import errno
+    import os
 
-    def disk_full(directory, *args, **kwargs):
-        (directory / "model.safetensors").write_bytes(b"half")
-        raise hf.CheckpointError("disk full")
+    writes = []
+    pwrite = os.pwrite
 
-    monkeypatch.setattr(hf, "write_tensors", disk_full)
+    def full_disk_at_the_third_write(fd, data, offset):
+        writes.append(offset)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk_at_the_third_write)
     code = _convert(zoo["qwen2"], workdir)
-    _assert_one_error_line(capsys, code, "disk full")
+    line = _assert_one_error_line(capsys, code, "model.safetensors", "No space left on device")
+    assert " needed, " in line and " free there)" in line, line
 
 
 @pytest.mark.parametrize(
@@ -385,8 +394,20 @@ def test_failure_while_writing_leaves_nothing(zoo, workdir, capsys, monkeypatch)
             ["batch size"],
         ),
         ("Once upon a time there was a cat.", ["--seqlen", "1"], ["seqlen"]),
+        (
+            "Once upon a time there was a cat.",
+            ["--seqlen", "4", "--eval-memory", "0"],
+            ["'memory_mib' must be an integer in [1, inf], got 0"],
+        ),
     ],
-    ids=["shorter-than-a-window", "missing-text", "not-utf8", "batch-size-0", "seqlen-1"],
+    ids=[
+        "shorter-than-a-window",
+        "missing-text",
+        "not-utf8",
+        "batch-size-0",
+        "seqlen-1",
+        "eval-memory-0",
+    ],
 )
 def test_eval_refuses_bad_text_or_options(assets, tmp_path, capsys, text, args, needles):
     path = tmp_path / "text.txt"
@@ -398,6 +419,11 @@ def test_eval_refuses_bad_text_or_options(assets, tmp_path, capsys, text, args, 
     code = main(["eval", "--model", str(STORIES260K), "--text", str(path), *args])
     _assert_one_error_line(capsys, code, *needles)
     assert _tree(tmp_path) == before
+
+
+def test_eval_memory_is_for_text(assets, capsys):
+    code = main(["eval", "--model", str(STORIES260K), "--tasks", "x", "--eval-memory", "64"])
+    _assert_one_error_line(capsys, code, "--eval-memory is for --text")
 
 
 def test_eval_model_without_tokenizer(zoo, capsys):

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from jprune import evaluate
+from jprune.config import EvaluationConfig
 from jprune.converters.hf import Checkpoint, load_model
 from jprune.data import calibration_windows, eval_windows, load_tokenizer, read_text, tokenize
 from jprune.errors import JpruneError
@@ -90,8 +91,9 @@ def test_batch_size_not_dividing_window_count_changes_nothing(zoo):
     windows = np.random.default_rng(4).integers(0, config["vocab_size"], (7, 64)).astype(np.int32)
     one = perplexity(model, windows, batch_size=1)
     done = []
-    three = perplexity(model, windows, batch_size=3, progress=done.append)
-    assert done == [1] * model.spec.num_layers  # one call per block
+    three = perplexity(model, windows, batch_size=3, progress=lambda *n: done.append(n))
+    blocks = model.spec.num_layers
+    assert done == [(n, blocks) for n in range(1, blocks + 1)]  # one call per block
     assert three.perplexity == pytest.approx(one.perplexity, rel=1e-6)
     assert perplexity(model, windows, batch_size=100).perplexity == pytest.approx(
         one.perplexity, rel=1e-6
@@ -121,11 +123,64 @@ def test_streamed_perplexity_equals_the_whole_model_at_once(zoo, arch, monkeypat
     assert perplexity(model, windows, batch_size=2).perplexity == streamed.perplexity
 
 
+def _batch_bytes(spec, batch_size: int, seqlen: int) -> int:
+    """What one batch of windows holds through a block: its inputs and outputs, float32."""
+    return 2 * batch_size * seqlen * spec.hidden_size * 4
+
+
+def test_windows_in_groups_give_the_single_group_nll_exactly(assets, stories):
+    """20 stories260K windows in 3 batches of 8 (the last padded), 2 batches a group (the
+    last group partial) through a checkpoint read again per group: the summed NLL of one group
+    bit for bit, and transformers' perplexity."""
+    windows = stories[1][:20]
+    checkpoint = Checkpoint(STORIES260K)
+    budget = 2 * _batch_bytes(checkpoint.spec, 8, 512) + 1
+    assert evaluate.group_batches(checkpoint.spec, windows.shape, 8, budget) == 2
+    done = []
+    grouped = perplexity(
+        checkpoint, windows, activation_bytes=budget, progress=lambda *n: done.append(n)
+    )
+    single = perplexity(checkpoint, windows)
+    assert grouped.mean_nll == single.mean_nll
+    assert grouped == single
+    passes = 2 * checkpoint.spec.num_layers  # groups x blocks
+    assert done == [(n, passes) for n in range(1, passes + 1)]
+    assert grouped.perplexity == pytest.approx(_torch_perplexity(STORIES260K, windows), rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama3-gqa", "opt-project"])
+def test_a_budget_below_one_batch_goes_a_batch_at_a_time(zoo, arch):
+    model, config = load_model(zoo[arch])
+    windows = np.random.default_rng(6).integers(0, config["vocab_size"], (9, 40)).astype(np.int32)
+    single = perplexity(model, windows, batch_size=2)
+    for budget in (1, _batch_bytes(model.spec, 2, 40) * 3 - 1):  # 1 and 2 batches a group
+        assert perplexity(model, windows, batch_size=2, activation_bytes=budget) == single
+    assert single.perplexity == pytest.approx(_whole_model_perplexity(model, windows), rel=1e-6)
+
+
+def test_the_evaluation_bound_is_one_groups_activations(zoo):
+    model, _ = load_model(zoo["llama3-gqa"])
+    spec, batch = model.spec, _batch_bytes(model.spec, 4, 100)
+    logits = 2 * evaluate.LOGITS_CHUNK_BYTES
+    # 30 windows: 8 batches of 4, the last padded
+    assert evaluate.group_batches(spec, (30, 100), 4, 1) == 1
+    assert evaluate.group_batches(spec, (30, 100), 4, 3 * batch) == 3
+    assert evaluate.group_batches(spec, (30, 100), 4, 100 * batch) == 8
+    assert evaluate.evaluation_bytes(spec, (30, 100), 4, 1) == batch + logits
+    assert evaluate.evaluation_bytes(spec, (30, 100), 4, 3 * batch + 7) == 3 * batch + logits
+    assert evaluate.evaluation_bytes(spec, (30, 100), 4, 10**12) == 8 * batch + logits
+    # fewer windows than a batch: one batch of them
+    assert evaluate.evaluation_bytes(spec, (3, 100), 4, 1) == 3 * batch // 4 + logits
+    assert EvaluationConfig().memory_mib * 2**20 == evaluate.ACTIVATION_BYTES
+
+
 def test_perplexity_refuses_bad_arguments(zoo):
     model, config = load_model(zoo["llama-mha"])
     windows = np.zeros((2, 16), dtype=np.int32)
     with pytest.raises(JpruneError, match="batch size"):
         perplexity(model, windows, batch_size=0)
+    with pytest.raises(JpruneError, match="activation budget"):
+        perplexity(model, windows, activation_bytes=0)
     too_long = np.zeros((1, config["max_position_embeddings"] + 1), dtype=np.int32)
     with pytest.raises(JpruneError, match="max_position_embeddings"):
         perplexity(model, too_long)

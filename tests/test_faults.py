@@ -58,6 +58,26 @@ def test_a_non_finite_weight_is_refused_by_name(assets, tmp_path, capsys, name, 
     assert staging_path(out).exists() == (name.startswith("model.layers.2."))
 
 
+def test_convert_of_a_non_finite_weight_writes_nothing(assets, tmp_path, capsys):
+    """convert writes each block as it reads it: a NaN in block 2 is found after blocks 0
+    and 1 are written, and they go with the staging directory, nothing at --out."""
+    model = tmp_path / "model"
+    name = "model.layers.2.self_attn.v_proj.weight"
+
+    def poison(array):
+        array[1, 2] = np.nan
+
+    _damaged_copy(model, name, poison)
+    work = tmp_path / "work"
+    work.mkdir()
+    code = main(["convert", "--model", str(model), "--out", str(work / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"jprune: error: tensor {name!r} in "), err
+    assert err.endswith(": the checkpoint is damaged"), err
+    assert list(work.iterdir()) == []
+
+
 def test_activations_that_overflow_are_refused_at_the_block_they_enter(assets, tmp_path, capsys):
     """Finite weights whose outputs overflow float32 (a row of block 1's down_proj at 1e38):
     the residual stream entering block 2 is Inf, and its statistics are refused there, by block
