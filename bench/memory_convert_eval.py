@@ -7,15 +7,19 @@ mark of the child (``wait4``'s ``ru_maxrss``) is kept beside it. ``--jprune`` na
 installation to measure (another checkout's ``.venv/bin/jprune`` measures the code before a
 change); results are kept per ``--label`` in ``bench/memory_convert_eval.json`` and the
 ``## Memory of convert and eval`` section of bench/RESULTS.md shows every label. The convert
-output's files are hashed, so labels can be compared byte for byte; the baseline is a process
-of the same installation that has started JAX and loaded the tokenizer, before any weight.
+output's files are hashed, so labels can be compared byte for byte. Each command's baseline is
+a process of the same installation before any weight: JAX started and the tokenizer loaded
+(eval), the converter imported (convert).
 
     python bench/memory_convert_eval.py --label after --model .cache/smollm2-135m \\
         --text ../shared/assets/text/wikitext2_raw_test.txt
     python bench/memory_convert_eval.py --label before --jprune /work/main/.venv/bin/jprune \\
-        --commit b7870d9 --model .cache/smollm2-135m --text ../shared/assets/text/wikitext2_raw_test.txt
+        --commit b7870d9 --whole-text-eval --model ... --text ...
     python bench/memory_convert_eval.py --label "after, --eval-memory 256" --skip-convert \\
         --eval-flag=--eval-memory --eval-flag=256 --model ... --text ...
+    python bench/memory_convert_eval.py --section-only    # the section from the JSON
+
+``--skip-convert`` / ``--skip-eval`` measure one command and keep the label's other one.
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ RESULTS = BENCH / "memory_convert_eval.json"
 SAMPLE_SECONDS = 0.02
 GB = 1e9
 
-BASELINE = """
+# What each command holds before any weight: eval starts JAX and loads the tokenizer; convert
+# imports the converter (JAX among it) and starts no backend.
+EVAL_BASELINE = """
 import sys
 import jax.numpy as jnp
 from jprune.data import load_tokenizer
 load_tokenizer(sys.argv[1])
 jnp.zeros(8).block_until_ready()
 """
+CONVERT_BASELINE = "import jprune.cli, jprune.converters.hf"
 
 
 # ---------------------------------------------------------------- measuring
@@ -128,9 +135,9 @@ def _commit() -> str:
             ["git", "-C", str(BENCH.parent), *args], capture_output=True, text=True, check=True
         ).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + (
-        "+changes" if git("status", "--porcelain") else ""
-    )
+    # the code measured: changes under bench/ (this script's outputs) do not count
+    changed = git("status", "--porcelain", "--", ".", ":!bench")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
 
 
 # ---------------------------------------------------------------- the stated bounds
@@ -187,25 +194,25 @@ def run(args) -> dict:
         # what the measured code evaluates at once: None, every window (before issue 29)
         "eval_activation_bytes": None if args.whole_text_eval else _activation_bytes(args),
     }
-    entry["baseline"] = measure([python, "-c", BASELINE, str(args.model)])
     if not args.skip_convert:
+        entry["convert_baseline"] = measure([python, "-c", CONVERT_BASELINE])
         with tempfile.TemporaryDirectory(prefix="conv-") as scratch:
             out = Path(scratch) / "out"
             command = [jprune, "convert", "--model", str(args.model), "--out", str(out)]
             entry["convert"] = measure(command) | {"files": _file_hashes(out)}
-    command = [jprune, "eval", "--model", str(args.model), "--text", str(args.text), "--json"]
-    entry["eval"] = measure([*command, *args.eval_flag])
-    entry["eval"]["result"] = json.loads(entry["eval"]["stdout"])
+    if not args.skip_eval:
+        entry["baseline"] = measure([python, "-c", EVAL_BASELINE, str(args.model)])
+        command = [jprune, "eval", "--model", str(args.model), "--text", str(args.text), "--json"]
+        entry["eval"] = measure([*command, *args.eval_flag])
+        entry["eval"]["result"] = json.loads(entry["eval"]["stdout"])
     return entry
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--label", required=True, help="the row's name (results are kept per label)"
-    )
-    parser.add_argument("--model", type=Path, required=True, help="HF checkpoint folder")
-    parser.add_argument("--text", type=Path, required=True, help="evaluation text")
+    parser.add_argument("--label", help="the row's name (results are kept per label)")
+    parser.add_argument("--model", type=Path, help="HF checkpoint folder")
+    parser.add_argument("--text", type=Path, help="evaluation text")
     parser.add_argument(
         "--jprune",
         type=Path,
@@ -215,6 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--commit", help="what --jprune runs (default: this checkout's HEAD)")
     parser.add_argument("--eval-flag", action="append", default=[], help="extra jprune eval flag")
     parser.add_argument("--skip-convert", action="store_true", help="measure jprune eval only")
+    parser.add_argument("--skip-eval", action="store_true", help="measure jprune convert only")
     parser.add_argument(
         "--whole-text-eval",
         action="store_true",
@@ -225,9 +233,11 @@ def main(argv=None) -> int:
         "--section-only", action="store_true", help="rewrite the section from the JSON, run nothing"
     )
     args = parser.parse_args(argv)
+    if not args.section_only and None in (args.label, args.model, args.text):
+        parser.error("--label, --model and --text are required to measure")
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     if not args.section_only:
-        results[args.label] = run(args)
+        results[args.label] = results.get(args.label, {}) | run(args)  # a skipped part stays
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     write_section(RESULTS_MD, section(results))
     return 0
@@ -245,50 +255,60 @@ def section(results: dict) -> str:
         "",
         "`python bench/memory_convert_eval.py --label LABEL --model .cache/smollm2-135m --text "
         "../shared/assets/text/wikitext2_raw_test.txt [--jprune OTHER/.venv/bin/jprune --commit C "
-        "--whole-text-eval] [--skip-convert --eval-flag=--eval-memory --eval-flag=MIB]` "
-        "(issue 29). Each command runs in its own process; peak RSS is its process tree's "
-        "VmRSS sampled every 20 ms (the kernel's `ru_maxrss` beside it); the baseline is a "
-        "process of the same installation with JAX started and the tokenizer loaded. Bounds "
-        "are the README's, on top of the baseline: convert `converters.hf.convert_bytes`; eval "
-        "the weights (non-block tensors + a float32 copy of the largest + one block as read "
-        "and placed) + the activations (`evaluate.evaluation_bytes`; the code before groups "
-        "stated every window's, `2 x windows x seqlen x hidden x 4` + 2 x 64 MiB).",
+        "--whole-text-eval] [--skip-convert | --skip-eval] [--eval-flag=--eval-memory "
+        "--eval-flag=MIB]` (issue 29). Each command runs in its own process; peak RSS is its "
+        "process tree's VmRSS sampled every 20 ms (the kernel's `ru_maxrss` beside it). "
+        "Baselines are processes of the same installation before any weight: for eval, JAX "
+        "started and the tokenizer loaded; for convert, the converter imported. Bounds are the "
+        "README's, on top of the baseline: convert `converters.hf.convert_bytes` (the code "
+        "before streaming loaded the whole model: no bound is shown for it); eval the weights "
+        "(non-block tensors + a float32 copy of the largest + one block as read and placed) + "
+        "the activations (`evaluate.evaluation_bytes`; the code before groups stated every "
+        "window's, `2 x windows x seqlen x hidden x 4` + 2 x 64 MiB). XLA's compiled programs "
+        "and working buffers come on top of the bounds.",
         "",
         "| label | commit | command | wall | peak RSS (sampled) | ru_maxrss | baseline "
-        "| peak - baseline | stated bound | result |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| peak - baseline | stated bound | above the bound | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for label, entry in results.items():
-        baseline = entry["baseline"]["sampled_peak_rss_bytes"]
         model = Path(entry["model"])
         rows = []
         if "convert" in entry:
-            bound = convert_bytes(Checkpoint(model))
-            rows.append(("convert", entry["convert"], bound, "files " + _digest(entry)))
-        bounds = eval_bounds(model, Path(entry["text"]), entry.get("eval_activation_bytes"))
-        result = entry["eval"]["result"]
-        shown = f"perplexity {result['perplexity']!r}"
-        rows.append(("eval", entry["eval"], bounds["weights"] + bounds["activations"], shown))
-        for name, measured, bound, shown in rows:
-            peak = measured["sampled_peak_rss_bytes"]
+            streamed = entry["eval_activation_bytes"] is not None
+            bound = convert_bytes(Checkpoint(model)) if streamed else None
+            rows.append(
+                ("convert", entry["convert"], entry["convert_baseline"], bound, _digest(entry))
+            )
+        if "eval" in entry:
+            bounds = eval_bounds(model, Path(entry["text"]), entry["eval_activation_bytes"])
+            bound = bounds["weights"] + bounds["activations"]
+            shown = f"perplexity {entry['eval']['result']['perplexity']!r}"
+            rows.append(("eval", entry["eval"], entry["baseline"], bound, shown))
+            notes.append(f"- {label}: eval on {bounds['windows']} windows of {bounds['seqlen']}.")
+        for name, measured, baseline, bound, shown in rows:
+            peak, base = measured["sampled_peak_rss_bytes"], baseline["sampled_peak_rss_bytes"]
             flags = " ".join(entry["eval_flags"]) if name == "eval" else ""
+            stated = (
+                ("whole model", "") if bound is None else (_gb(bound), _gb(peak - base - bound))
+            )
             lines.append(
                 f"| {label} | {entry['commit']} | {name} {flags}".rstrip()
                 + f" | {measured['seconds']:.0f} s | {_gb(peak)} | "
-                f"{_gb(measured['ru_maxrss_bytes'])} | {_gb(baseline)} | {_gb(peak - baseline)} "
-                f"| {_gb(bound)} | {shown} |"
+                f"{_gb(measured['ru_maxrss_bytes'])} | {_gb(base)} | {_gb(peak - base)} "
+                f"| {stated[0]} | {stated[1]} | {shown} |"
             )
         notes.append(
-            f"- {label}: {entry['date']}, {entry['machine']} (load average "
-            f"{entry['load_average']}); eval on {bounds['windows']} windows of "
-            f"{bounds['seqlen']}."
+            f"- {label}: last measured {entry['date']}, {entry['machine']} (load average "
+            f"{entry['load_average']})."
         )
-    perplexities = {e["eval"]["result"]["perplexity"] for e in results.values()}
+    perplexities = {e["eval"]["result"]["perplexity"] for e in results.values() if "eval" in e}
     digests = {_digest(e) for e in results.values() if "convert" in e}
     notes.append(
         f"- Perplexities equal across labels: {len(perplexities) == 1}; convert outputs "
-        f"identical file for file across labels: {len(digests) == 1}."
+        f"identical file for file across labels (the digest of their SHA-256s): "
+        f"{len(digests) == 1}."
     )
     return "\n".join([*lines, "", *notes])
 
@@ -296,7 +316,7 @@ def section(results: dict) -> str:
 def _digest(entry: dict) -> str:
     """A short digest of the convert output's file hashes (equal outputs, equal digests)."""
     files = json.dumps(entry["convert"]["files"], sort_keys=True).encode()
-    return hashlib.sha256(files).hexdigest()[:12]
+    return "files " + hashlib.sha256(files).hexdigest()[:12]
 
 
 if __name__ == "__main__":
