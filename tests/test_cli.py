@@ -79,7 +79,13 @@ def test_entry_point_eval_json_on_stories260k(assets):
     assert f"{result['perplexity']:.2f}" == "6.21"
     assert result["seqlen"] == 512
     assert result["tokens"] == result["windows"] * 511 > 80_000
-    assert proc.stderr == ""  # --json implies no progress bar
+    # --json implies no progress bar. The one other thing that may reach stderr here is a
+    # warning of the suite's shared compilation cache (conftest; two processes can race on an
+    # entry's access-time file), which a user's run does not have.
+    cache_warning = ("persistent compilation cache", "warnings.warn(")
+    assert [
+        line for line in proc.stderr.splitlines() if not any(w in line for w in cache_warning)
+    ] == []
 
 
 def test_entry_point_error_exit_code(tmp_path):
