@@ -118,6 +118,78 @@ def use_matmul_precision(precision: str) -> None:
         jax.config.update("jax_default_matmul_precision", precision)
 
 
+# ---------------------------------------------------------------- child processes
+
+SAMPLE_SECONDS = 0.02
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # the process ended
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants, now (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += _rss(current)
+        todo += _children(current)
+    return total
+
+
+def measure(command: list[str]) -> dict:
+    """Run ``command``; its process tree's peak RSS sampled every ``SAMPLE_SECONDS`` (the
+    engine restarts the kernel's peak counter per block, so ``ru_maxrss`` can understate a
+    run's lifetime peak), its ``ru_maxrss``, wall seconds and stdout. A failure exits with
+    its stderr. Both streams go to files, so a chatty child cannot fill a pipe and stall."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        peak = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(SAMPLE_SECONDS)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode:
+        sys.exit(f"{' '.join(command)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return {
+        "command": command,
+        "seconds": seconds,
+        "sampled_peak_rss_bytes": peak,
+        "ru_maxrss_bytes": usage.ru_maxrss * 1024,
+        "stdout": stdout,
+    }
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

@@ -28,19 +28,16 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common import BENCH, RESULTS_MD, load_text, machine, write_section
+from common import BENCH, RESULTS_MD, load_text, machine, measure, write_section
 
 RESULTS = BENCH / "memory_convert_eval.json"
-SAMPLE_SECONDS = 0.02
 GB = 1e9
 
 # What each command holds before any weight: eval starts JAX and loads the tokenizer; convert
@@ -56,66 +53,6 @@ CONVERT_BASELINE = "import jprune.cli, jprune.converters.hf"
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return found
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants, now."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        total += _rss(current)
-        todo += _children(current)
-    return total
-
-
-def measure(command: list[str]) -> dict:
-    """Run ``command``; its sampled peak tree RSS, its ``ru_maxrss``, wall time and stdout."""
-    with tempfile.TemporaryFile("w+") as out:
-        started = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE, text=True)
-        peak = 0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            peak = max(peak, tree_rss(proc.pid))
-            time.sleep(SAMPLE_SECONDS)
-        seconds = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err = proc.stderr.read()
-        out.seek(0)
-        stdout = out.read()
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{err}")
-    return {
-        "command": command,
-        "seconds": seconds,
-        "sampled_peak_rss_bytes": peak,
-        "ru_maxrss_bytes": usage.ru_maxrss * 1024,
-        "stdout": stdout,
-    }
 
 
 def _file_hashes(directory: Path) -> dict[str, str]:

@@ -29,70 +29,25 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from common import ASSETS, BENCH, RESULTS_MD, ROOT, add_calibration, load_average, write_section
+from common import (
+    ASSETS,
+    BENCH,
+    RESULTS_MD,
+    ROOT,
+    add_calibration,
+    load_average,
+    measure,
+    write_section,
+)
 
 RESULTS_JSON = BENCH / "real_model.json"
 SECTION = "## Real models"
 WIKI_TEST = ASSETS / "text" / "wikitext2_raw_test.txt"
 JPRUNE = [sys.executable, "-m", "jprune.cli"]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-# ---------------------------------------------------------------- resident memory
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux /proc)."""
-    found, frontier = [], [pid]
-    while frontier:
-        current = frontier.pop()
-        found.append(current)
-        try:
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as f:
-                    frontier.extend(int(c) for c in f.read().split())
-        except OSError:  # the process ended between two reads
-            continue
-    return found
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def run_sampled(command: list[str]) -> tuple[subprocess.CompletedProcess, int, float]:
-    """Run ``command``; its output, the peak summed RSS of its process tree (sampled every
-    20 ms) and its wall seconds."""
-    peak = 0
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def sample() -> None:
-        nonlocal peak
-        while child.poll() is None:
-            peak = max(peak, sum(_rss_bytes(p) for p in _tree(child.pid)))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, stderr = child.communicate()
-    sampler.join()
-    wall = time.perf_counter() - started
-    done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
-    if done.returncode != 0:
-        sys.exit(f"real_model.py: {' '.join(command)} failed:\n{stderr[-3000:]}")
-    return done, peak, wall
 
 
 # ---------------------------------------------------------------- one cell
@@ -103,12 +58,16 @@ def target_flags(target: str) -> list[str]:
 
 
 def evaluate(model: Path, text: Path, seqlen: int) -> dict:
-    done, peak, wall = run_sampled(
+    run = measure(
         [*JPRUNE, "eval", "--model", str(model), "--text", str(text), "--seqlen", str(seqlen)]
         + ["--json", "--quiet"]
     )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"perplexity": result["perplexity"], "eval_peak_rss": peak, "eval_seconds": wall}
+    result = json.loads(run["stdout"].strip().splitlines()[-1])
+    return {
+        "perplexity": result["perplexity"],
+        "eval_peak_rss": run["sampled_peak_rss_bytes"],
+        "eval_seconds": run["seconds"],
+    }
 
 
 def pattern_check(path: Path, target: str) -> dict:
@@ -141,7 +100,7 @@ def pattern_check(path: Path, target: str) -> dict:
 
 def run_cell(args, method: str, target: str, eval_text: Path, scratch: Path) -> dict:
     out = scratch / f"{method}-{target.replace(':', '-')}"
-    done, peak, wall = run_sampled(
+    run = measure(
         [*JPRUNE, "prune", "--model", str(args.model), "--method", method, *target_flags(target)]
         + ["--calib", str(args.calib), "--nsamples", str(args.nsamples)]
         + ["--seqlen", str(args.seqlen), "--seed", "0", "--out", str(out), "--force", "--quiet"]
@@ -151,8 +110,8 @@ def run_cell(args, method: str, target: str, eval_text: Path, scratch: Path) -> 
         "method": method,
         "target": target,
         "prune_seconds": report["prune_seconds"],
-        "prune_wall_seconds": wall,
-        "prune_peak_rss": peak,
+        "prune_wall_seconds": run["seconds"],
+        "prune_peak_rss": run["sampled_peak_rss_bytes"],
         "engine_peak_rss": report.get("peak_rss_bytes"),
         "memory_bound": report.get("memory", {}).get("bound_bytes"),
         "sparsity": report["summary"]["sparsity"],
