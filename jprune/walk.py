@@ -185,6 +185,14 @@ def each_window(fn, placement: Placement, state, x, *rest):
     return mapped(state, x, *rest)
 
 
+def _compiled_as(placement: Placement) -> Placement:
+    """The part of a placement a pass's program depends on, as its static argument: only the
+    reproducible mode's window-by-window program reads the mesh (data-parallel batches carry
+    their sharding in the arrays), and no program reads ``offload``. Keying on less lets
+    evaluation (offloaded) and pruning share one compilation per block structure."""
+    return placement._replace(offload=False) if placement.window_by_window else ON_DEVICE
+
+
 def _one_window(fn, state, window):
     """``fn`` on one window (the leading axis kept at length 1), its outputs unbatched."""
     batched = jax.tree.map(lambda a: a[None], window)
@@ -226,7 +234,8 @@ def _pass_batch(fn, graphdef, placement: Placement, state, x, cached=None):
 
 def _each_batch(fn, weights: BlockWeights, x: Stream, cache: Cache | None) -> Stream:
     """``fn(graphdef, state, batch, cached batch)`` over a stream."""
-    run = functools.partial(_pass_batch, fn, weights.graphdef, x.placement, weights.state)
+    program = _compiled_as(x.placement)
+    run = functools.partial(_pass_batch, fn, weights.graphdef, program, weights.state)
     batches = [run(batch, kept) for batch, kept in zip(x, cached_batches(cache, x), strict=True)]
     return Stream(batches, x.placement)
 
@@ -455,7 +464,7 @@ def statistics(
         cached_batches(dense_cache, x), strict=True,
     ):  # fmt: skip
         stats, dense_out = _batch_statistics(
-            weights.graphdef, requests, with_dense, dense_outputs, x.placement,
+            weights.graphdef, requests, with_dense, dense_outputs, _compiled_as(x.placement),
             weights.state, dense_weights.state, batch, batch_dense, kept, kept_dense,
             total if in_order else None,
         )  # fmt: skip
