@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 ASSETS = ROOT.parent / "shared" / "assets"
 RESULTS_MD = BENCH / "RESULTS.md"
+README_MD = ROOT / "README.md"
 MATMUL_PRECISIONS = ("default", "tensorfloat32", "float32")
 
 
@@ -235,3 +236,15 @@ def write_section(path: Path, text: str) -> None:
     before, _, after = _split(current, heading)
     parts = ["\n".join(before).strip("\n"), text.strip("\n"), "\n".join(after).strip("\n")]
     path.write_text("\n\n".join(p for p in parts if p) + "\n")
+
+
+def write_between_markers(path: Path, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- name -->`` and ``<!-- /name -->`` in ``path`` (a
+    sentence of the README that quotes a benchmark's figures) with ``text``."""
+    opening, closing = f"<!-- {name} -->", f"<!-- /{name} -->"
+    current = path.read_text()
+    if current.count(opening) != 1 or current.count(closing) != 1:
+        raise ValueError(f"{path} needs one {opening} ... {closing} pair")
+    before, rest = current.split(opening)
+    _, after = rest.split(closing)
+    path.write_text(f"{before}{opening}{text}{closing}{after}")

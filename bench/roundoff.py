@@ -10,7 +10,8 @@ perturbation itself on block 0's Grams.
 
     .venv/bin/python bench/roundoff.py --model .cache/smollm2-135m --nsamples 16 --seqlen 256
 
-Results: ``bench/roundoff.json`` and the ``## Round-off`` section of bench/RESULTS.md.
+Results: ``bench/roundoff.json``, the ``## Round-off`` section of bench/RESULTS.md, and the
+README's sentence on it (between its ``roundoff`` markers; ``--table`` rewrites both).
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ASSETS, BENCH, RESULTS_MD, add_calibration, load_average, machine, write_section
+from common import (
+    ASSETS,
+    BENCH,
+    README_MD,
+    RESULTS_MD,
+    add_calibration,
+    load_average,
+    machine,
+    write_between_markers,
+    write_section,
+)
 
 RESULTS_JSON = BENCH / "roundoff.json"
 SECTION = "## Round-off: how far a method moves"
@@ -64,19 +75,29 @@ def block0_gram_perturbation(args, batch_sizes) -> float:
 
 
 def compare(first: Path, second: Path) -> dict:
+    """Mask entries that differ and the largest weight change, for the whole decoder and per
+    block (block 0 sees the Grams' round-off alone; later blocks also see the earlier blocks'
+    different masks through their inputs)."""
     from jprune.converters.hf import read_tensors
 
     a, b = read_tensors(first), read_tensors(second)
     linears = [k for k in a if a[k].ndim == 2 and ".layers." in k]
-    flips = sum(int(((a[k] != 0) != (b[k] != 0)).sum()) for k in linears)
-    weights = sum(a[k].size for k in linears)
-    largest = max(float(np.abs(a[k] - b[k]).max()) for k in linears)
-    scale = max(float(np.abs(a[k]).max()) for k in linears)
+    per_block: dict[int, dict] = {}
+    for k in linears:
+        block = int(k.split(".layers.")[1].split(".")[0])
+        row = per_block.setdefault(block, {"mask_entries_changed": 0, "weights": 0,
+                                           "largest_weight_change": 0.0})  # fmt: skip
+        row["mask_entries_changed"] += int(((a[k] != 0) != (b[k] != 0)).sum())
+        row["weights"] += a[k].size
+        change = float(np.abs(a[k] - b[k]).max())
+        row["largest_weight_change"] = max(row["largest_weight_change"], change)
+    rows = [per_block[i] for i in sorted(per_block)]
     return {
-        "mask_entries_changed": flips,
-        "decoder_weights": weights,
-        "largest_weight_change": largest,
-        "largest_weight": scale,
+        "mask_entries_changed": sum(r["mask_entries_changed"] for r in rows),
+        "decoder_weights": sum(r["weights"] for r in rows),
+        "largest_weight_change": max(r["largest_weight_change"] for r in rows),
+        "largest_weight": [max(float(np.abs(t[k]).max()) for k in linears) for t in (a, b)],
+        "blocks": rows,
     }
 
 
@@ -91,6 +112,7 @@ def section(results: dict) -> str:
     ]
     for key, run in results.items():
         c = run["comparison"]
+        a, b = run["batch_sizes"]
         lines += [
             f"### {key}",
             "",
@@ -104,15 +126,52 @@ def section(results: dict) -> str:
             f"{run['gram_perturbation']:.1e} of their largest entry.",
             "",
             "| mask entries changed | of decoder weights | largest weight change "
-            "| largest weight | perplexity (batch a) | perplexity (batch b) | change |",
+            f"| largest weight (batch {a}, {b}) | perplexity (batch {a}) "
+            f"| perplexity (batch {b}) | change |",
             "|---|---|---|---|---|---|---|",
             f"| {c['mask_entries_changed']:,} | {c['mask_entries_changed'] / c['decoder_weights']:.2%} "
-            f"| {c['largest_weight_change']:.3g} | {c['largest_weight']:.3g} "
+            f"| {c['largest_weight_change']:.3g} "
+            f"| {c['largest_weight'][0]:.3g}, {c['largest_weight'][1]:.3g} "
             f"| {run['perplexity'][0]:.4f} | {run['perplexity'][1]:.4f} "
             f"| {abs(run['perplexity'][1] / run['perplexity'][0] - 1):.2%} |",
             "",
+            "Per block (block 0 sees only the Grams' round-off; each later block also sees",
+            "the inputs that the earlier blocks' different masks give it):",
+            "",
+            "| block | mask entries changed | of the block's weights | largest weight change |",
+            "|---|---|---|---|",
         ]
+        for i, row in enumerate(c["blocks"]):
+            lines.append(
+                f"| {i} | {row['mask_entries_changed']:,} "
+                f"| {row['mask_entries_changed'] / row['weights']:.2%} "
+                f"| {row['largest_weight_change']:.3g} |"
+            )
+        lines.append("")
     return "\n".join(lines)
+
+
+README_RUN = "smollm2-135m fista 0.5"
+
+
+def readme_sentence(results: dict) -> str:
+    """The README's account of fista under round-off (Scaling out), from ``README_RUN``."""
+    run = results[README_RUN]
+    c = run["comparison"]
+    a, b = run["batch_sizes"]
+    first = c["blocks"][0]
+    ppl = run["perplexity"]
+    return (
+        f"measured by `bench/roundoff.py` on {run['nsamples']} x {run['seqlen']} windows of "
+        f"`{run['calib']}`, `fista` at 50% on smollm2-135m with batches of {a} and of {b} "
+        f"windows (Grams that differ by at most {run['gram_perturbation']:.1e} of their largest "
+        f"entry) gives masks that differ in "
+        f"{c['mask_entries_changed'] / c['decoder_weights']:.1%} of the decoder's entries "
+        f"({first['mask_entries_changed'] / first['weights']:.1%} already in block 0, whose "
+        f"inputs are the same), the largest weight change is "
+        f"{c['largest_weight_change']:.3g}, and the WikiText-2 perplexities are {ppl[0]:.2f} "
+        f"against {ppl[1]:.2f} ({abs(ppl[1] / ppl[0] - 1):.1%})"
+    )
 
 
 def main() -> None:
@@ -159,6 +218,8 @@ def main() -> None:
             }
         RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
     write_section(RESULTS_MD, section(results))
+    if README_RUN in results:
+        write_between_markers(README_MD, "roundoff", readme_sentence(results))
 
 
 if __name__ == "__main__":
