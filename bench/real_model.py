@@ -161,6 +161,13 @@ def gib(value: int | None) -> str:
     return "—" if value is None else f"{value / 2**30:.2f}"
 
 
+def _invocations(run: dict) -> list[str]:
+    """Every invocation that wrote a figure of ``run``, in order: the cells' own, then the
+    run's last one (with ``--resume`` the dense figure is the first invocation's)."""
+    commands = [c["command"] for c in run["cells"]] + [run["command"]]
+    return list(dict.fromkeys(commands))
+
+
 def section(results: dict) -> str:
     lines = [
         SECTION,
@@ -181,7 +188,7 @@ def section(results: dict) -> str:
             f"### {name}",
             "",
             "```",
-            run["command"],
+            *_invocations(run),
             "```",
             "",
             f"Commit {run['commit']}, {run['date']}; {run['machine']}. Calibration "
@@ -236,6 +243,8 @@ def main() -> None:
         return
     name = args.name or args.model.name
     previous = results.get(name, {}) if args.resume else {}
+    for cell in previous.get("cells", []):  # cells measured before each recorded its own
+        cell.setdefault("command", previous["command"])
     run = {
         "command": "python bench/real_model.py " + " ".join(sys.argv[1:]),
         "commit": commit(),
@@ -268,6 +277,7 @@ def main() -> None:
                 continue
             entry = run_cell(args, method, target, eval_text, scratch)
             entry["load_average"] = load_average()
+            entry["command"] = run["command"]
             run["cells"].append(entry)
             results[name] = run
             RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
