@@ -17,6 +17,21 @@ WIKITEXT = ASSETS / "text" / "wikitext2_raw_test.txt"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# XLA's compiler is most of this suite's time (below), and on CPU LLVM's optimizations are
+# most of a compilation of these tiny programs: at -O0 they compile in about 40% less time,
+# and the tiny models run as fast (their GEMMs are library calls either way). The arithmetic
+# is not the same bits as at the default level (the elementwise and reduction loops are
+# emitted differently), so every process of the suite, subprocesses included, uses the same
+# flags (``xla_flags``): a test compares its runs with each other and with references within
+# tolerances, never with a run made elsewhere.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_flags(*extra: str) -> str:
+    """The suite's XLA flags with ``extra`` ones, for a subprocess's environment."""
+    return " ".join([os.environ["XLA_FLAGS"], *extra])
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
@@ -141,7 +156,7 @@ def run_on_eight_devices(root, script_text: str, *args, timeout: int = 1200):
     script.write_text(script_text)
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
         "JAX_PLATFORMS": "cpu",
     }
     done = subprocess.run(

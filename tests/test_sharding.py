@@ -31,6 +31,7 @@ from conftest import (
     decoder_linears,
     prune_with,
     run_on_eight_devices,
+    xla_flags,
 )
 
 # The prototyping example registers its method on import: it gets the mesh checks too.
@@ -317,7 +318,7 @@ def test_two_processes_prune_like_one_device(sharded_runs, tmp_path):
             + ["--out", str(out)],
             env={
                 **os.environ,
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2"),
                 "JAX_PLATFORMS": "cpu",
                 "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
                 "JPRUNE_NUM_PROCESSES": "2",
