@@ -151,27 +151,34 @@ def section(results: dict) -> str:
     return "\n".join(lines)
 
 
-README_RUN = "smollm2-135m fista 0.5"
+README_RUNS = ("smollm2-135m fista 0.5", "smollm2-135m sparsegpt 0.5")
 
 
 def readme_sentence(results: dict) -> str:
-    """The README's account of fista under round-off (Scaling out), from ``README_RUN``."""
-    run = results[README_RUN]
-    c = run["comparison"]
-    a, b = run["batch_sizes"]
-    first = c["blocks"][0]
-    ppl = run["perplexity"]
-    return (
-        f"measured by `bench/roundoff.py` on {run['nsamples']} x {run['seqlen']} windows of "
-        f"`{run['calib']}`, `fista` at 50% on smollm2-135m with batches of {a} and of {b} "
-        f"windows (Grams that differ by at most {run['gram_perturbation']:.1e} of their largest "
-        f"entry) gives masks that differ in "
-        f"{c['mask_entries_changed'] / c['decoder_weights']:.1%} of the decoder's entries "
-        f"({first['mask_entries_changed'] / first['weights']:.1%} already in block 0, whose "
-        f"inputs are the same), the largest weight change is "
-        f"{c['largest_weight_change']:.3g}, and the WikiText-2 perplexities are {ppl[0]:.2f} "
-        f"against {ppl[1]:.2f} ({abs(ppl[1] / ppl[0] - 1):.1%})"
-    )
+    """The README's account of round-off in the default mode (Scaling out): one clause per
+    run of ``README_RUNS`` measured."""
+    clauses = []
+    for key in README_RUNS:
+        if key not in results:
+            continue
+        run = results[key]
+        model, method, sparsity = key.split()  # the key main() writes
+        c = run["comparison"]
+        first = c["blocks"][0]
+        ppl = run["perplexity"]
+        clauses.append(
+            f"`{method}` at {sparsity} on {model} ({run['nsamples']} x "
+            f"{run['seqlen']} windows of `{run['calib']}`, batches of {run['batch_sizes'][0]} "
+            f"and {run['batch_sizes'][1]}, Grams {run['gram_perturbation']:.1e} apart "
+            f"relative to their largest entry) keeps masks that differ in "
+            f"{c['mask_entries_changed'] / c['decoder_weights']:.2%} of the decoder's entries "
+            f"({first['mask_entries_changed']:,}, or "
+            f"{100 * first['mask_entries_changed'] / first['weights']:.2g}%, in block 0, whose inputs "
+            f"are the same), weights up to {c['largest_weight_change']:.3g} apart, and "
+            f"WikiText-2 perplexities of {ppl[0]:.2f} and {ppl[1]:.2f} "
+            f"({abs(ppl[1] / ppl[0] - 1):.1%} apart)"
+        )
+    return "; ".join(clauses)
 
 
 def main() -> None:
@@ -218,8 +225,7 @@ def main() -> None:
             }
         RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
     write_section(RESULTS_MD, section(results))
-    if README_RUN in results:
-        write_between_markers(README_MD, "roundoff", readme_sentence(results))
+    write_between_markers(README_MD, "roundoff", readme_sentence(results))
 
 
 if __name__ == "__main__":
