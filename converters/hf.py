@@ -26,6 +26,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jprune.converters import safetensors_file
 from jprune.converters.safetensors_file import SafetensorsFile, nbytes
 from jprune.converters.spec import (
     ModelSpec,
@@ -320,9 +321,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_safetensors(file: Path, names=None) -> dict[str, np.ndarray]:
     try:
-        with safe_open(str(file), framework="np") as f:
-            return {k: f.get_tensor(k) for k in (f.keys() if names is None else names)}
-    except (SafetensorError, OSError, ValueError) as err:
+        return safetensors_file.read_tensors(file, names)
+    except (OSError, ValueError) as err:
         raise CheckpointError(
             f"cannot read {str(file)!r} (truncated or corrupt safetensors?): {err}"
         ) from None
@@ -809,20 +809,39 @@ class BlockShards:
     def shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.count:05d}.safetensors"
 
-    def _write(self, number: int, arrays: Mapping[str, np.ndarray]) -> None:
-        tensors = dict(sorted(hf_tensors(self.name_map, arrays).items()))
+    def _write(self, number: int, shapes: Mapping[str, Any], read) -> None:
+        """Shard ``number`` holding the HF-named tensors of ``shapes``, each ``read(name)`` and
+        written in turn (``SafetensorsFile``: the bytes ``save_file`` writes, without the
+        whole file in memory), under a temporary name until it is complete."""
         final = self.directory / self.shard_name(number)
         partial = final.with_suffix(".tmp")
-        with writing(final, sum(a.nbytes for a in tensors.values())):
-            save_file(tensors, str(partial), metadata=SAFE_METADATA)
-            os.replace(partial, final)
+        ordered = dict(sorted(shapes.items()))
+        with SafetensorsFile(partial, ordered, SAFE_METADATA, shown_as=final) as file:
+            for name in sorted(shapes):
+                file.write(name, read(name))
+        os.replace(partial, final)
+
+    def _write_arrays(self, number: int, arrays: Mapping[str, np.ndarray]) -> None:
+        tensors = hf_tensors(self.name_map, arrays)
+        self._write(number, tensors, tensors.__getitem__)
 
     def write_block(self, index: int, arrays: Mapping[str, np.ndarray]) -> None:
         """``arrays``: block ``index``'s canonical-named tensors (``layers.{index}.q.weight``)."""
-        self._write(index + 1, arrays)
+        self._write_arrays(index + 1, arrays)
 
-    def write_outer(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self._write(self.count, arrays)
+    def write_outer(self, checkpoint: Checkpoint) -> None:
+        """The tensors outside the blocks (embeddings, final norm, head), read from
+        ``checkpoint`` one at a time as they are written: a large vocabulary's embedding and
+        head are not both in memory at once."""
+        names = checkpoint.outer_names()
+        if fused_groups({n: self.name_map[n] for n in names}):  # none of the families has one
+            self._write_arrays(self.count, checkpoint.read(names))
+            return
+        ours = {self.name_map[n]: n for n in names}
+        shapes = {theirs: checkpoint.shapes[n] for theirs, n in ours.items()}
+        self._write(
+            self.count, shapes, lambda theirs: checkpoint.read([ours[theirs]])[ours[theirs]]
+        )
 
     def write_index(self) -> None:
         weight_map, total = {}, 0

@@ -93,20 +93,23 @@ def _write_at(fd: int, data, offset: int) -> None:
 class SafetensorsFile:
     """``path`` opened for the tensors of ``shapes`` (name -> ``.shape`` and ``.dtype``), its
     header written; ``write`` each tensor once, in any order; ``close`` checks that every one
-    was. A context manager: leaving it on an exception closes the file unchecked."""
+    was. A context manager: leaving it on an exception closes the file unchecked. Errors name
+    ``shown_as`` (default ``path``): the final name of a file written under a temporary one."""
 
     def __init__(
         self,
         path: str | os.PathLike,
         shapes: Mapping[str, Any],
         metadata: Mapping[str, str] | None = None,
+        shown_as: str | os.PathLike | None = None,
     ):
         self.path = Path(path)
+        self.shown_as = self.path if shown_as is None else Path(shown_as)
         self.shapes = dict(shapes)
         self.layout = layout(self.shapes, metadata)
         self._missing = set(self.shapes)
         self._fd: int | None = None
-        with writing(self.path, self.layout.size):
+        with writing(self.shown_as, self.layout.size):
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:
                 _write_at(self._fd, self.layout.header, 0)
@@ -124,7 +127,7 @@ class SafetensorsFile:
                 f"says {np.dtype(expected.dtype)} {tuple(expected.shape)}"
             )
         data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        with writing(self.path, self.layout.size):
+        with writing(self.shown_as, self.layout.size):
             _write_at(self._fd, data, self.layout.offsets[name])
         self._missing.discard(name)
 
@@ -140,3 +143,68 @@ class SafetensorsFile:
 
     def __exit__(self, kind, value, traceback) -> None:
         self.close(check=kind is None)
+
+
+_DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+def read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header (``__metadata__`` left out) and where its data start."""
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", prefix)
+        text = f.read(length)
+    if len(text) < length:
+        raise ValueError(f"header of {length} bytes cut short at {len(text)}")
+    header = json.loads(text)
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+# JAX's CPU backend uses a host array's memory as its own (no copy) when it starts on a
+# 64-byte boundary; numpy's allocator only promises 16.
+ALIGNMENT = 64
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised array whose data start on an ``ALIGNMENT``-byte boundary."""
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    return raw[skip : skip + size].view(dtype).reshape(shape)
+
+
+def read_tensors(file: Path, names=None) -> dict[str, np.ndarray]:
+    """Name -> array for ``names`` (default: every tensor) of a safetensors file, each read
+    from the file straight into an array of its own (``readinto``): one copy in memory, where
+    ``safe_open(..., framework="np").get_tensor`` holds two while it converts (a transient
+    twice the size of a large embedding), and nothing mapped from the file stays resident.
+    ``ValueError`` for a truncated or malformed file."""
+    header, start = read_header(file)
+    wanted = list(header) if names is None else list(names)
+    out = {}
+    with open(file, "rb", buffering=0) as f:
+        for name in wanted:
+            if name not in header:
+                raise ValueError(f"no tensor {name!r}")
+            entry = header[name]
+            dtype = _DTYPES_BY_CODE.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, not read here")
+            begin, end = entry["data_offsets"]
+            array = _aligned_empty(entry["shape"], dtype)
+            if end - begin != array.nbytes:
+                raise ValueError(f"tensor {name!r}: {end - begin} bytes for {array.nbytes}")
+            f.seek(start + begin)
+            view = memoryview(array.reshape(-1).view(np.uint8))
+            got = 0
+            while got < array.nbytes:
+                count = f.readinto(view[got:])
+                if not count:
+                    raise ValueError(f"tensor {name!r} cut short at {got} of {array.nbytes} bytes")
+                got += count
+            array.flags.writeable = False  # JAX may then use its memory as its own
+            out[name] = array
+    return out

@@ -33,7 +33,15 @@ __all__ = ["LINEAR_INPUTS", "Block", "CausalLM", "apply_block", "block_linear_na
 
 
 def _param(arrays: Mapping[str, np.ndarray], name: str) -> nnx.Param:
-    return nnx.Param(jnp.asarray(arrays[name]))
+    """A parameter from a host array. A read-only one (what ``Checkpoint.read`` returns) is
+    placed with ``jax.device_put``, which on the CPU backend takes over its memory when it is
+    suitably aligned instead of copying it: a checkpoint's large embedding is then held once,
+    not once on the host and once on the device that is the host. ``jnp.asarray`` copies, as
+    a writable array, which its owner may still change, needs."""
+    array = arrays[name]
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        return nnx.Param(jax.device_put(array))
+    return nnx.Param(jnp.asarray(array))
 
 
 class Linear(nnx.Module):

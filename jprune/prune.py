@@ -9,6 +9,7 @@ that is renamed into place only when all of it succeeded.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import shutil
@@ -239,10 +240,10 @@ def _write_checkpoint(staging: Staging, checkpoint: Checkpoint, outcome, source:
     """Everything but the blocks (already written): the rest of the tensors, the shard index,
     config.json (with the method's changes), tokenizer and generation config."""
     shards = BlockShards(staging.path, outcome.spec)
-    outer = checkpoint.outer()
-    shards.write_outer(outer)
+    shards.write_outer(checkpoint)
     shards.write_index()
-    config = export_config(checkpoint.config, dtype_name(outer), outcome.config_updates)
+    outer = checkpoint.shapes[checkpoint.outer_names()[0]]
+    config = export_config(checkpoint.config, dtype_name({"": outer}), outcome.config_updates)
     with writing(staging.path):  # config, tokenizer and generation files: a few KiB
         write_metadata(staging.path, config, source, outcome.extra_files)
 
@@ -368,6 +369,8 @@ def _prune_into(run, progress, engine, checkpoint, staging, texts, started, base
         layer_targets=allocation.patterns, checked=True,
     )  # fmt: skip
     prune_seconds = time.perf_counter() - prune_started
+    del blocks  # and with it the embeddings and head: the writer reads them again, one at a time
+    gc.collect()  # a module graph holds reference cycles
     if writer:
         _write_checkpoint(staging, checkpoint, outcome, config.model.path)
     _barrier("jprune: checkpoint written")

@@ -103,28 +103,27 @@ def test_a_write_error_is_one_line_and_resume_completes_once_it_is_gone(
     assets, tmp_path, capsys, monkeypatch
 ):
     """The disk fills while block 2's shard is written (an ENOSPC injected into the staging
-    writer): one line naming the file, the bytes it needed and the bytes free; nothing at
+    writer's ``pwrite`` on that shard's file): one line naming the file, the bytes it needed and the bytes free; nothing at
     --out; blocks 0 and 1 kept; --resume, once writes succeed again, writes the bytes of a run
     that never failed."""
     import errno
     import json
+    import os
+    from pathlib import Path
 
-    import jprune.converters.hf as hf
     from jprune.converters.hf import read_tensors
     from jprune.staging import PROGRESS
 
     whole = tmp_path / "whole"
     assert _prune(capsys, STORIES260K, whole)[0] == 0
-    writes = []
-    save_file_as_written = hf.save_file
+    pwrite = os.pwrite
 
-    def full_disk_at_the_third_shard(tensors, filename, metadata=None):
-        writes.append(filename)
-        if len(writes) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device", filename)
-        return save_file_as_written(tensors, filename, metadata=metadata)
+    def full_disk_at_the_third_shard(fd, data, offset):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith("model-00003-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return pwrite(fd, data, offset)
 
-    monkeypatch.setattr(hf, "save_file", full_disk_at_the_third_shard)
+    monkeypatch.setattr(os, "pwrite", full_disk_at_the_third_shard)
     out = tmp_path / "out"
     code, err = _prune(capsys, STORIES260K, out)
     assert code == 2 and len(err.splitlines()) == 1, err
@@ -135,7 +134,7 @@ def test_a_write_error_is_one_line_and_resume_completes_once_it_is_gone(
     assert not out.exists() and not lock_path(out).exists()
     assert json.loads((staging_path(out) / PROGRESS).read_text())["blocks_done"] == 2
 
-    monkeypatch.setattr(hf, "save_file", save_file_as_written)
+    monkeypatch.setattr(os, "pwrite", pwrite)
     assert _prune(capsys, STORIES260K, out, "--resume")[0] == 0
     assert json.loads((out / "report.json").read_text())["resumed_from_block"] == 2
     expected, found = read_tensors(whole), read_tensors(out)

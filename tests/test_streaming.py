@@ -26,14 +26,17 @@ from conftest import CALIB_TEXT, CHEAP_OPTIONS, STORIES260K, decoder_linears
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def _llama(directory: Path, layers: int, hidden: int, intermediate: int, dtype: str) -> Path:
-    """A random-initialised LLaMA checkpoint with stories260K's tokenizer (vocab 512)."""
+def _llama(
+    directory: Path, layers: int, hidden: int, intermediate: int, dtype: str, vocab: int = 512
+) -> Path:
+    """A random-initialised LLaMA checkpoint with stories260K's tokenizer (its 512 tokens are
+    the first ``vocab`` ids; the rest only make the embedding and head larger)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(layers)
     config = LlamaConfig(
-        vocab_size=512,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -113,6 +116,39 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
         assert max(b["peak_rss_bytes"] for b in usage["blocks"]) <= usage["peak_rss_bytes"]
     # the stated bound counts one block, not the model
     assert reports[16]["memory"]["bound_bytes"] == reports[4]["memory"]["bound_bytes"]
+
+
+def test_a_large_vocabulary_is_held_once(tmp_path):
+    """Two 2-block checkpoints that differ only in their vocabulary, 512 and 131,072 tokens
+    (hidden 256, embedding and head untied: 255 MiB more), pruned with wanda: the larger's
+    peak RSS grows by the extra embedding and head once. A second copy of either matrix
+    (128 MiB: read again for the writer beside the one the run holds, a serialised file, a
+    device copy of a host array on the CPU, each of which a run held before) passes half of
+    it over the limit; allocator noise is about +-30 MB. Peaks are report.json's, compiled
+    without the cache (as in the depth test above)."""
+    uncached = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    peaks, sizes = {}, {}
+    for vocab in (512, 131072):
+        model = _llama(tmp_path / f"vocab{vocab}", 2, 256, 688, "float32", vocab=vocab)
+        sizes[vocab] = sum(os.path.getsize(p) for p in model.glob("*.safetensors"))
+        out = tmp_path / f"pruned{vocab}"
+        command = _prune_command(
+            model, out, "--method", "wanda", "--sparsity", "0.5", "--nsamples", "4",
+            "--seqlen", "64",
+        )  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env=uncached)
+        assert done.returncode == 0, done.stderr
+        peaks[vocab] = json.loads((out / "report.json").read_text())["memory"]["peak_rss_bytes"]
+        written = read_tensors(out)
+        source = read_tensors(model)
+        assert np.array_equal(
+            written["model.embed_tokens.weight"], source["model.embed_tokens.weight"]
+        )
+        assert np.array_equal(written["lm_head.weight"], source["lm_head.weight"])
+    extra = sizes[131072] - sizes[512]
+    one_matrix = 131072 * 256 * 4
+    assert extra > 2 * one_matrix * 0.99
+    assert peaks[131072] - peaks[512] < extra + one_matrix / 2, (peaks, extra)
 
 
 # ---------------------------------------------------------------- resume
