@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -246,7 +247,7 @@ def main() -> None:
     for cell in previous.get("cells", []):  # cells measured before each recorded its own
         cell.setdefault("command", previous["command"])
     run = {
-        "command": "python bench/real_model.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/real_model.py " + shlex.join(sys.argv[1:]),
         "commit": commit(),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} cores",
