@@ -328,16 +328,6 @@ def _read_safetensors(file: Path, names=None) -> dict[str, np.ndarray]:
         ) from None
 
 
-_SAFETENSORS_DTYPES = {
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F64": np.dtype(np.float64),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-}
-
-
 def _safetensors_shapes(file: Path) -> dict[str, jax.ShapeDtypeStruct]:
     """Name -> shape and dtype of every tensor of a safetensors file, from its header only."""
     try:
@@ -345,7 +335,7 @@ def _safetensors_shapes(file: Path) -> dict[str, jax.ShapeDtypeStruct]:
             out = {}
             for name in f.keys():
                 view = f.get_slice(name)
-                dtype = _SAFETENSORS_DTYPES.get(view.get_dtype(), np.dtype(np.float32))
+                dtype = safetensors_file.DTYPES_BY_CODE.get(view.get_dtype(), np.dtype(np.float32))
                 out[name] = jax.ShapeDtypeStruct(tuple(view.get_shape()), dtype)
             return out
     except (SafetensorError, OSError, ValueError) as err:
@@ -815,9 +805,8 @@ class BlockShards:
         whole file in memory), under a temporary name until it is complete."""
         final = self.directory / self.shard_name(number)
         partial = final.with_suffix(".tmp")
-        ordered = dict(sorted(shapes.items()))
-        with SafetensorsFile(partial, ordered, SAFE_METADATA, shown_as=final) as file:
-            for name in sorted(shapes):
+        with SafetensorsFile(partial, shapes, SAFE_METADATA, shown_as=final) as file:
+            for name in shapes:  # in any order: the layout fixes every tensor's place
                 file.write(name, read(name))
         os.replace(partial, final)
 

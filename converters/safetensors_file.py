@@ -145,7 +145,8 @@ class SafetensorsFile:
         self.close(check=kind is None)
 
 
-_DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+# numpy's dtype for each of safetensors' dtype names (the headers name them so).
+DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 def read_header(file: Path) -> tuple[dict[str, Any], int]:
@@ -190,7 +191,7 @@ def read_tensors(file: Path, names=None) -> dict[str, np.ndarray]:
             if name not in header:
                 raise ValueError(f"no tensor {name!r}")
             entry = header[name]
-            dtype = _DTYPES_BY_CODE.get(entry["dtype"])
+            dtype = DTYPES_BY_CODE.get(entry["dtype"])
             if dtype is None:
                 raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, not read here")
             begin, end = entry["data_offsets"]

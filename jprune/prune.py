@@ -242,8 +242,8 @@ def _write_checkpoint(staging: Staging, checkpoint: Checkpoint, outcome, source:
     shards = BlockShards(staging.path, outcome.spec)
     shards.write_outer(checkpoint)
     shards.write_index()
-    outer = checkpoint.shapes[checkpoint.outer_names()[0]]
-    config = export_config(checkpoint.config, dtype_name({"": outer}), outcome.config_updates)
+    outer = {name: checkpoint.shapes[name] for name in checkpoint.outer_names()}
+    config = export_config(checkpoint.config, dtype_name(outer), outcome.config_updates)
     with writing(staging.path):  # config, tokenizer and generation files: a few KiB
         write_metadata(staging.path, config, source, outcome.extra_files)
 
