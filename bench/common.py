@@ -248,3 +248,17 @@ def write_between_markers(path: Path, name: str, text: str) -> None:
     before, rest = current.split(opening)
     _, after = rest.split(closing)
     path.write_text(f"{before}{opening}{text}{closing}{after}")
+
+
+def commit() -> str:
+    """The commit of the code measured: HEAD, with ``+changes`` when files outside bench/ (whose
+    scripts write their results there) differ from it."""
+    import subprocess
+
+    def git(*args) -> str:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    changed = git("status", "--porcelain", "--", ".", ":!bench")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")

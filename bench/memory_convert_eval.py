@@ -28,14 +28,13 @@ import argparse
 import datetime
 import hashlib
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from common import BENCH, RESULTS_MD, load_text, machine, measure, write_section
+from common import BENCH, RESULTS_MD, commit, load_text, machine, measure, write_section
 
 RESULTS = BENCH / "memory_convert_eval.json"
 GB = 1e9
@@ -64,17 +63,6 @@ def _file_hashes(directory: Path) -> dict[str, str]:
                 digest.update(chunk)
         hashes[path.name] = digest.hexdigest()
     return hashes
-
-
-def _commit() -> str:
-    def git(*args) -> str:
-        return subprocess.run(
-            ["git", "-C", str(BENCH.parent), *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    # the code measured: changes under bench/ (this script's outputs) do not count
-    changed = git("status", "--porcelain", "--", ".", ":!bench")
-    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
 
 
 # ---------------------------------------------------------------- the stated bounds
@@ -120,7 +108,7 @@ def run(args) -> dict:
     jprune = str(args.jprune)
     python = str(Path(jprune).with_name("python"))
     entry = {
-        "commit": args.commit or _commit(),
+        "commit": args.commit or commit(),
         "jprune": jprune,
         "date": datetime.date.today().isoformat(),
         "machine": machine(),

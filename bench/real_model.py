@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,8 +36,8 @@ from common import (
     ASSETS,
     BENCH,
     RESULTS_MD,
-    ROOT,
     add_calibration,
+    commit,
     load_average,
     measure,
     write_section,
@@ -150,12 +149,6 @@ def parity(model: Path, text: Path, seqlen: int) -> dict:
 
 
 # ---------------------------------------------------------------- results
-
-
-def commit() -> str:
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
 
 
 def gib(value: int | None) -> str:
